@@ -1,0 +1,140 @@
+//! PUBLISH (§3.3): the hot path. Decoding validates the topic once and slices topic and payload
+//! out of the receive buffer; encoding computes the exact length and writes once.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::{DecodeError, EncodeError};
+use crate::properties::{PublishProperties, section_len};
+use crate::protocol::{PacketId, ProtocolVersion, QoS};
+use crate::topic::Topic;
+use crate::wire::{Reader, write_binary};
+
+/// PUBLISH: an application message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// DUP: a re-delivery (never set with QoS 0).
+    pub dup: bool,
+    /// QoS level.
+    pub qos: QoS,
+    /// RETAIN.
+    pub retain: bool,
+    /// Topic Name; empty only in 5.0 with a Topic Alias property.
+    pub topic: Topic,
+    /// Packet Identifier: `Some` exactly when `qos` is 1 or 2.
+    pub packet_id: Option<PacketId>,
+    /// PUBLISH properties (5.0 only).
+    pub properties: PublishProperties,
+    /// Application payload (a slice of the receive buffer when decoded).
+    pub payload: Bytes,
+}
+
+impl Publish {
+    /// A PUBLISH without DUP, RETAIN or properties. `packet_id` must be `Some` for QoS 1 and 2.
+    pub fn new(topic: Topic, qos: QoS, packet_id: Option<PacketId>, payload: Bytes) -> Self {
+        Self {
+            dup: false,
+            qos,
+            retain: false,
+            topic,
+            packet_id,
+            properties: PublishProperties::default(),
+            payload,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn decode(
+        flags: u8,
+        mut r: Reader,
+        version: ProtocolVersion,
+    ) -> Result<Self, DecodeError> {
+        let dup = flags & 0b1000 != 0;
+        let qos = QoS::from_u8((flags >> 1) & 0b11).ok_or(DecodeError::InvalidQoS)?;
+        let retain = flags & 0b0001 != 0;
+        if dup && qos == QoS::AtMostOnce {
+            return Err(DecodeError::DupWithQoS0);
+        }
+        let name = r.string()?;
+        let topic = if version.is_v5() {
+            Topic::from_string_allow_empty(name)
+        } else {
+            Topic::from_string(name)
+        }
+        .map_err(DecodeError::InvalidTopicName)?;
+        let packet_id = if qos == QoS::AtMostOnce {
+            None
+        } else {
+            Some(PacketId::new(r.u16()?).ok_or(DecodeError::ZeroPacketId)?)
+        };
+        let properties = if version.is_v5() {
+            let p = PublishProperties::decode(&mut r)?;
+            if topic.is_empty() && p.topic_alias.is_none() {
+                return Err(DecodeError::EmptyTopicWithoutAlias);
+            }
+            p
+        } else {
+            PublishProperties::default()
+        };
+        let payload = r.rest();
+        Ok(Self {
+            dup,
+            qos,
+            retain,
+            topic,
+            packet_id,
+            properties,
+            payload,
+        })
+    }
+
+    #[inline]
+    pub(crate) fn flags(&self) -> u8 {
+        (u8::from(self.dup) << 3) | (self.qos.as_u8() << 1) | u8::from(self.retain)
+    }
+
+    #[inline]
+    pub(crate) fn check(&self, version: ProtocolVersion) -> Result<(), EncodeError> {
+        if self.packet_id.is_some() != (self.qos != QoS::AtMostOnce) {
+            return Err(EncodeError::PacketIdMismatch);
+        }
+        if version.is_v5() {
+            if self.topic.is_empty() && self.properties.topic_alias.is_none() {
+                return Err(EncodeError::NotInVersion("empty topic without topic alias"));
+            }
+            let b = self.properties.max_binary();
+            if b > crate::string::MAX_STRING_LEN {
+                return Err(EncodeError::BinaryTooLong(b));
+            }
+            if let Some(id) = self.properties.bad_subscription_id() {
+                return Err(EncodeError::InvalidSubscriptionId(id));
+            }
+        } else if self.topic.is_empty() {
+            return Err(EncodeError::NotInVersion("empty topic name"));
+        }
+        Ok(())
+    }
+
+    #[inline]
+    pub(crate) fn body_len(&self, version: ProtocolVersion, props_len: usize) -> usize {
+        let mut len = 2 + self.topic.len() + self.payload.len();
+        if self.packet_id.is_some() {
+            len += 2;
+        }
+        if version.is_v5() {
+            len += section_len(props_len);
+        }
+        len
+    }
+
+    #[inline]
+    pub(crate) fn write_body(&self, version: ProtocolVersion, props_len: usize, buf: &mut BytesMut) {
+        write_binary(buf, self.topic.as_bytes());
+        if let Some(id) = self.packet_id {
+            buf.put_u16(id.get());
+        }
+        if version.is_v5() {
+            self.properties.write(buf, props_len);
+        }
+        buf.put_slice(&self.payload);
+    }
+}

@@ -1,0 +1,184 @@
+//! Primitive wire types of MQTT (§1.5): integers, Variable Byte Integers, UTF-8 strings and
+//! binary data, read from one whole packet held in a [`Bytes`] and written into a [`BytesMut`].
+//!
+//! Invariant: a [`Reader`] never reads past the end of the packet it was given; every read checks
+//! the remaining length first and fails with [`DecodeError::UnexpectedEof`]. Strings and binary
+//! data are returned as slices of the packet's `Bytes` (no copy).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::DecodeError;
+use crate::string::MqttString;
+
+/// The largest value a Variable Byte Integer can hold (§1.5.5): 268,435,455.
+pub const VARINT_MAX: u32 = 268_435_455;
+
+/// Outcome of reading a Variable Byte Integer from a possibly incomplete buffer.
+pub(crate) enum VarInt {
+    /// The value and how many bytes encoded it.
+    Value(u32, usize),
+    /// The buffer ends before the integer does.
+    Incomplete,
+}
+
+/// Reads a Variable Byte Integer from the start of `buf`, rejecting encodings longer than four
+/// bytes and non-minimal ones (a trailing `0x00` continuation byte) [MQTT-1.5.5-1].
+#[inline]
+pub(crate) fn read_varint(buf: &[u8]) -> Result<VarInt, DecodeError> {
+    let mut value: u32 = 0;
+    for i in 0..4 {
+        let Some(&byte) = buf.get(i) else {
+            return Ok(VarInt::Incomplete);
+        };
+        value |= u32::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            if byte == 0 && i > 0 {
+                return Err(DecodeError::NonMinimalVarInt);
+            }
+            return Ok(VarInt::Value(value, i + 1));
+        }
+    }
+    Err(DecodeError::VarIntTooLong)
+}
+
+/// How many bytes the Variable Byte Integer encoding of `value` takes.
+#[inline]
+pub(crate) const fn varint_len(value: usize) -> usize {
+    if value < 128 {
+        1
+    } else if value < 16_384 {
+        2
+    } else if value < 2_097_152 {
+        3
+    } else {
+        4
+    }
+}
+
+/// Writes `value` (at most [`VARINT_MAX`], checked by the caller) as a Variable Byte Integer.
+#[inline]
+pub(crate) fn write_varint(buf: &mut BytesMut, mut value: usize) {
+    loop {
+        let mut byte = (value % 128) as u8;
+        value /= 128;
+        if value > 0 {
+            byte |= 0x80;
+        }
+        buf.put_u8(byte);
+        if value == 0 {
+            break;
+        }
+    }
+}
+
+/// Writes a length-prefixed string or binary field; the caller guarantees `len <= 65535`.
+#[inline]
+pub(crate) fn write_binary(buf: &mut BytesMut, data: &[u8]) {
+    buf.put_u16(data.len() as u16);
+    buf.put_slice(data);
+}
+
+/// A cursor over the variable header and payload of one packet.
+pub(crate) struct Reader {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    /// A reader over `buf`, which holds exactly the bytes after the fixed header.
+    #[inline]
+    pub(crate) fn new(buf: Bytes) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// Bytes left to read.
+    #[inline]
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Fails with [`DecodeError::TrailingBytes`] unless everything has been read.
+    #[inline]
+    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            n => Err(DecodeError::TrailingBytes(n)),
+        }
+    }
+
+    #[inline]
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.remaining() < n {
+            Err(DecodeError::UnexpectedEof)
+        } else {
+            Ok(())
+        }
+    }
+
+    #[inline]
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        let v = self.buf[self.pos];
+        self.pos += 1;
+        Ok(v)
+    }
+
+    #[inline]
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        let v = u16::from_be_bytes([self.buf[self.pos], self.buf[self.pos + 1]]);
+        self.pos += 2;
+        Ok(v)
+    }
+
+    #[inline]
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        let b = &self.buf[self.pos..self.pos + 4];
+        let v = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        self.pos += 4;
+        Ok(v)
+    }
+
+    #[inline]
+    pub(crate) fn varint(&mut self) -> Result<u32, DecodeError> {
+        match read_varint(&self.buf[self.pos..])? {
+            VarInt::Value(v, n) => {
+                self.pos += n;
+                Ok(v)
+            }
+            VarInt::Incomplete => Err(DecodeError::UnexpectedEof),
+        }
+    }
+
+    /// `n` raw bytes as a slice of the packet.
+    #[inline]
+    pub(crate) fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        self.need(n)?;
+        let v = self.buf.slice(self.pos..self.pos + n);
+        self.pos += n;
+        Ok(v)
+    }
+
+    /// Everything that is left (a PUBLISH or will payload).
+    #[inline]
+    pub(crate) fn rest(&mut self) -> Bytes {
+        let v = self.buf.slice(self.pos..);
+        self.pos = self.buf.len();
+        v
+    }
+
+    /// A two-byte-length-prefixed Binary Data field (§1.5.6).
+    #[inline]
+    pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
+        let len = usize::from(self.u16()?);
+        self.take(len)
+    }
+
+    /// A UTF-8 Encoded String (§1.5.4), validated.
+    #[inline]
+    pub(crate) fn string(&mut self) -> Result<MqttString, DecodeError> {
+        let bytes = self.binary()?;
+        MqttString::from_bytes(bytes)
+    }
+}

@@ -1,0 +1,1210 @@
+//! The sans-IO broker core: every session, the router and the retained store in one plain
+//! struct, fed with decoded packets and the current time, drained of packets to send.
+//!
+//! Inputs: [`Broker::handle_connect`], [`Broker::handle_packet`], [`Broker::handle_closed`],
+//! [`Broker::handle_written`], [`Broker::handle_timeout`]. Output: [`Broker::poll_transmit`].
+//! No socket, no clock, no task: `now` is an argument, so every rule is unit-testable.
+//!
+//! Invariants:
+//! - One task owns the `Broker`; connection tasks reach it only through events. No lock is
+//!   taken per message: fan-out clones an `Arc<Message>` per subscriber, never the payload.
+//! - A connection is identified by a [`ConnId`]; a session by its client id. `conns` maps the
+//!   first to the second only while the connection is the session's current link.
+//! - Back-pressure never blocks the core: each link has a credit of `connection_buffer`
+//!   packets handed out and not yet reported written. Messages beyond it, or beyond the
+//!   client's Receive Maximum, wait in the session's queue, which is bounded by
+//!   `max_queued_messages`: on overflow the oldest queued QoS 0 message is dropped first, then
+//!   the new message; every drop is counted.
+//! - Overlapping subscriptions: a client gets one copy of a message, at the highest QoS of its
+//!   matching subscriptions, carrying every matching Subscription Identifier (see README).
+
+use std::cmp::{max, min};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqttd_codec::{
+    ConnAck, ConnAckProperties, Connect, Disconnect, MqttString, Packet, PacketId, ProtocolVersion,
+    PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS, ReasonCode, RetainHandling,
+    SubAck, Subscribe, Topic, UnsubAck, Unsubscribe,
+};
+
+use crate::config::{Anonymous, Limits};
+use crate::message::{Message, SharedMessage};
+use crate::metrics::Metrics;
+use crate::retain::RetainStore;
+use crate::router::{ClientId, Router, parse_filter, validate_topic_name};
+use crate::store::{
+    Delivery, Outgoing, PendingWill, SessionState, Store, StoreError, Subscription,
+};
+
+/// Identifies one network connection (whatever carries it).
+pub type ConnId = u64;
+
+/// What the core asks a connection to do.
+// `Close` is rare and boxing every packet would cost an allocation per send.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transmit {
+    /// Send this packet.
+    Packet(Packet),
+    /// Flush what was sent and close the connection.
+    Close,
+}
+
+/// Why a connection ended, as its driver saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed or the network failed.
+    NetworkError,
+    /// The peer broke the protocol; the driver already told it (5.0) with this reason.
+    ProtocolError(ReasonCode),
+}
+
+/// The broker-side options that are not limits.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// Protocol and resource limits.
+    pub limits: Limits,
+    /// Anonymous access policy.
+    pub allow_anonymous: Anonymous,
+}
+
+/// A will as given in CONNECT: published on an abnormal end of the connection.
+#[derive(Debug, Clone)]
+struct WillSpec {
+    message: Message,
+    expiry_interval: Option<u32>,
+    delay: u32,
+}
+
+/// The current connection of a session.
+#[derive(Debug)]
+struct Link {
+    conn: ConnId,
+    version: ProtocolVersion,
+    /// 1.5 x the effective keep alive; zero disables the check.
+    keep_alive_timeout: Duration,
+    last_seen: Instant,
+    /// Outgoing QoS 1/2 window: min(client Receive Maximum, broker max_inflight).
+    window: usize,
+    /// The client's Maximum Packet Size.
+    max_packet_size: usize,
+    /// The client's Topic Alias Maximum (aliases the broker may use towards it).
+    alias_max_out: u16,
+    aliases_in: HashMap<u16, Topic>,
+    aliases_out: HashMap<Topic, u16>,
+    /// Packets handed to the driver and not yet reported written.
+    in_transit: usize,
+    will: Option<WillSpec>,
+    problem_info: bool,
+}
+
+/// A session: its durable state and, while connected, its link.
+#[derive(Debug)]
+struct Session {
+    state: SessionState,
+    link: Option<Link>,
+}
+
+#[derive(Debug, Default)]
+struct Aggregate {
+    qos: Option<QoS>,
+    retain: bool,
+    ids: Vec<u32>,
+}
+
+/// The broker core. See the module documentation.
+pub struct Broker<S: Store> {
+    opts: BrokerOptions,
+    router: Router<Subscription>,
+    retained: RetainStore<SharedMessage>,
+    sessions: HashMap<ClientId, Session>,
+    conns: HashMap<ConnId, ClientId>,
+    store: S,
+    metrics: Arc<Metrics>,
+    transmits: VecDeque<(ConnId, Transmit)>,
+    dirty: HashSet<ClientId>,
+    scratch: HashMap<ClientId, Aggregate>,
+    assigned_ids: u64,
+    boot_id: u64,
+    last_sweep: Option<Instant>,
+}
+
+impl<S: Store> std::fmt::Debug for Broker<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("sessions", &self.sessions.len())
+            .field("connections", &self.conns.len())
+            .field("subscriptions", &self.router.len())
+            .field("retained", &self.retained.len())
+            .finish()
+    }
+}
+
+fn pid(n: u16) -> Option<PacketId> {
+    NonZeroU16::new(n)
+}
+
+fn granted(qos: QoS) -> ReasonCode {
+    match qos {
+        QoS::AtMostOnce => ReasonCode::Success,
+        QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+        QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+    }
+}
+
+fn reason_string(text: &str) -> Option<MqttString> {
+    MqttString::from_bytes(bytes::Bytes::copy_from_slice(text.as_bytes())).ok()
+}
+
+impl<S: Store> Broker<S> {
+    /// A broker that restores sessions and retained messages from `store`.
+    pub fn new(
+        opts: BrokerOptions,
+        mut store: S,
+        metrics: Arc<Metrics>,
+        now: Instant,
+    ) -> Result<Self, StoreError> {
+        let mut router = Router::new();
+        let mut sessions = HashMap::new();
+        for mut state in store.load_sessions()? {
+            for (filter, sub) in &state.subscriptions {
+                if let Ok(spec) = parse_filter(filter, usize::MAX, usize::MAX) {
+                    router.subscribe(&spec, state.client_id.clone(), sub.clone());
+                }
+            }
+            // Restarted: the expiry clock runs from now.
+            if state.expiry_interval != u32::MAX {
+                state.expires_at =
+                    Some(now + Duration::from_secs(u64::from(state.expiry_interval)));
+            }
+            sessions.insert(state.client_id.clone(), Session { state, link: None });
+        }
+        let mut retained = RetainStore::new();
+        for m in store.load_retained()? {
+            let topic = m.topic.clone();
+            retained.insert(topic.as_str(), m);
+        }
+        Metrics::set(&metrics.sessions, sessions.len() as u64);
+        Metrics::set(&metrics.subscriptions, router.len() as u64);
+        Metrics::set(&metrics.retained_messages, retained.len() as u64);
+        Ok(Broker {
+            opts,
+            router,
+            retained,
+            sessions,
+            conns: HashMap::new(),
+            store,
+            metrics,
+            transmits: VecDeque::new(),
+            dirty: HashSet::new(),
+            scratch: HashMap::new(),
+            assigned_ids: 0,
+            boot_id: {
+                use std::hash::{BuildHasher, Hasher};
+                // Random per process (std's hasher keys are), so assigned ids differ across restarts.
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+            },
+            last_sweep: None,
+        })
+    }
+
+    /// The store (for inspection).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The next thing to send, in order.
+    pub fn poll_transmit(&mut self) -> Option<(ConnId, Transmit)> {
+        self.transmits.pop_front()
+    }
+
+    /// Number of connected clients.
+    pub fn connected(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether a session exists for `client_id`.
+    pub fn has_session(&self, client_id: &str) -> bool {
+        self.sessions.contains_key(client_id)
+    }
+
+    /// Number of messages queued in a session.
+    pub fn queued(&self, client_id: &str) -> Option<usize> {
+        self.sessions.get(client_id).map(|s| s.state.queue.len())
+    }
+
+    fn send(&mut self, conn: ConnId, packet: impl Into<Packet>) {
+        self.transmits
+            .push_back((conn, Transmit::Packet(packet.into())));
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        self.transmits.push_back((conn, Transmit::Close));
+    }
+
+    fn refuse(&mut self, conn: ConnId, reason: ReasonCode, why: &str) {
+        let mut ack = ConnAck::new(reason);
+        ack.properties.reason_string = reason_string(why);
+        self.send(conn, ack);
+        self.close(conn);
+    }
+
+    /// A CONNECT arrived on a new connection from `peer`.
+    pub fn handle_connect(&mut self, conn: ConnId, peer: IpAddr, connect: Connect, now: Instant) {
+        let v = connect.protocol_version;
+        let limits = self.opts.limits.clone();
+        let allowed = match self.opts.allow_anonymous {
+            Anonymous::Always => true,
+            Anonymous::Never => false,
+            Anonymous::Loopback => peer.is_loopback() || peer.to_canonical().is_loopback(),
+        };
+        if !allowed {
+            tracing::info!(%peer, "refused anonymous client");
+            return self.refuse(
+                conn,
+                ReasonCode::NotAuthorized,
+                "anonymous access is allowed on loopback only",
+            );
+        }
+        let mut assigned = None;
+        let client_id: ClientId = if connect.client_id.is_empty() {
+            if !v.is_v5() && !connect.clean_start {
+                return self.refuse(
+                    conn,
+                    ReasonCode::ClientIdentifierNotValid,
+                    "empty client id needs clean session",
+                );
+            }
+            self.assigned_ids += 1;
+            let id = format!("mqttd-{:016x}-{}", self.boot_id, self.assigned_ids);
+            assigned = Some(id.clone());
+            Arc::from(id)
+        } else {
+            Arc::from(connect.client_id.as_str())
+        };
+        let will = match &connect.will {
+            None => None,
+            Some(w) => {
+                if validate_topic_name(
+                    w.topic.as_str(),
+                    limits.max_topic_length,
+                    limits.max_topic_levels,
+                )
+                .is_err()
+                {
+                    return self.refuse(conn, ReasonCode::TopicNameInvalid, "invalid will topic");
+                }
+                let p = &w.properties;
+                Some(WillSpec {
+                    message: Message {
+                        topic: w.topic.clone(),
+                        payload: w.payload.clone(),
+                        qos: w.qos,
+                        retain: w.retain,
+                        properties: PublishProperties {
+                            payload_format_indicator: p.payload_format_indicator,
+                            content_type: p.content_type.clone(),
+                            response_topic: p.response_topic.clone(),
+                            correlation_data: p.correlation_data.clone(),
+                            user_properties: p.user_properties.clone(),
+                            ..PublishProperties::default()
+                        },
+                        expires_at: None,
+                        publisher: Some(client_id.clone()),
+                    },
+                    expiry_interval: p.message_expiry_interval,
+                    delay: p.will_delay_interval.unwrap_or(0),
+                })
+            }
+        };
+        let props = &connect.properties;
+        let expiry = if v.is_v5() {
+            props
+                .session_expiry_interval
+                .unwrap_or(0)
+                .min(limits.max_session_expiry)
+        } else if connect.clean_start {
+            0
+        } else {
+            limits.v3_session_expiry
+        };
+
+        let mut wills = Vec::new();
+        // Takeover: the old connection goes, with DISCONNECT 0x8E for 5.0 clients.
+        if let Some(old) = self
+            .sessions
+            .get_mut(&client_id)
+            .and_then(|s| s.link.take())
+        {
+            tracing::info!(client = %client_id, old = old.conn, new = conn, "session taken over");
+            self.conns.remove(&old.conn);
+            Metrics::sub(&self.metrics.clients_connected, 1);
+            if old.version.is_v5() {
+                self.send(old.conn, Disconnect::new(ReasonCode::SessionTakenOver));
+            }
+            self.close(old.conn);
+            if let Some(w) = old.will {
+                // The session continues: a delayed will is cancelled by the reconnection.
+                if w.delay == 0 || connect.clean_start {
+                    wills.push((w.message, w.expiry_interval));
+                }
+            }
+        }
+        let mut session_present = false;
+        if connect.clean_start {
+            if let Some(old) = self.sessions.remove(&client_id) {
+                self.forget_session(old, now, &mut wills);
+            }
+        } else if let Some(s) = self.sessions.get_mut(&client_id) {
+            session_present = true;
+            s.state.pending_will = None;
+        }
+        let session = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Session {
+                state: SessionState::new(client_id.clone(), expiry),
+                link: None,
+            });
+        session.state.expiry_interval = expiry;
+        session.state.expires_at = None;
+
+        let mut ka = connect.keep_alive;
+        let mut server_keep_alive = None;
+        if v.is_v5() && limits.max_keep_alive > 0 && (ka == 0 || ka > limits.max_keep_alive) {
+            ka = limits.max_keep_alive;
+            server_keep_alive = Some(ka);
+        }
+        session.link = Some(Link {
+            conn,
+            version: v,
+            keep_alive_timeout: Duration::from_millis(u64::from(ka) * 1500),
+            last_seen: now,
+            window: usize::from(min(
+                props.receive_maximum.unwrap_or(u16::MAX),
+                limits.max_inflight,
+            )),
+            max_packet_size: props.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
+            alias_max_out: props.topic_alias_maximum.unwrap_or(0),
+            aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
+            in_transit: 0,
+            will,
+            problem_info: props.request_problem_information.unwrap_or(true),
+        });
+        self.conns.insert(conn, client_id.clone());
+        Metrics::add(&self.metrics.clients_connected, 1);
+        Metrics::set(&self.metrics.sessions, self.sessions.len() as u64);
+
+        let mut ack = ConnAck::new(ReasonCode::Success);
+        ack.session_present = session_present;
+        if v.is_v5() {
+            ack.properties = ConnAckProperties {
+                receive_maximum: Some(limits.max_inflight),
+                maximum_packet_size: Some(limits.max_packet_size),
+                topic_alias_maximum: Some(limits.topic_alias_maximum),
+                retain_available: Some(true),
+                wildcard_subscription_available: Some(true),
+                subscription_identifiers_available: Some(true),
+                shared_subscription_available: Some(true),
+                server_keep_alive,
+                assigned_client_identifier: assigned.as_deref().and_then(reason_string),
+                session_expiry_interval: props
+                    .session_expiry_interval
+                    .filter(|&e| e != expiry)
+                    .map(|_| expiry),
+                ..ConnAckProperties::default()
+            };
+        }
+        self.send(conn, ack);
+        tracing::debug!(client = %client_id, conn, version = %v, session_present, "connected");
+
+        // Redeliver unacknowledged messages, in their original order, then the queue.
+        self.redeliver(&client_id, now);
+        self.pump(&client_id, now);
+        self.mark_dirty(&client_id);
+        for (w, exp) in wills {
+            self.publish_will(w, exp, now);
+        }
+    }
+
+    /// Ends a session: drops its subscriptions, publishes its pending will, forgets it.
+    fn forget_session(
+        &mut self,
+        old: Session,
+        _now: Instant,
+        wills: &mut Vec<(Message, Option<u32>)>,
+    ) {
+        for filter in old.state.subscriptions.keys() {
+            if let Ok(spec) = parse_filter(filter, usize::MAX, usize::MAX) {
+                self.router.unsubscribe(&spec, &old.state.client_id);
+            }
+        }
+        if let Some(w) = old.state.pending_will {
+            wills.push((
+                (*w.message).clone(),
+                w.message.remaining_expiry(w.publish_at),
+            ));
+        }
+        let dropped = old.state.queue.len() as u64;
+        if dropped > 0 {
+            Metrics::add(&self.metrics.messages_dropped, dropped);
+        }
+        self.dirty.remove(&old.state.client_id);
+        if let Err(e) = self.store.remove_session(&old.state.client_id) {
+            tracing::error!(error = %e, "cannot remove session from store");
+        }
+        Metrics::set(&self.metrics.subscriptions, self.router.len() as u64);
+        Metrics::set(&self.metrics.sessions, self.sessions.len() as u64);
+    }
+
+    fn publish_will(&mut self, mut message: Message, expiry: Option<u32>, now: Instant) {
+        message.expires_at = Message::expiry_from(expiry, now);
+        message.properties.message_expiry_interval = None;
+        tracing::debug!(topic = message.topic.as_str(), "publishing will");
+        self.publish(Arc::new(message), now);
+    }
+
+    /// A decoded packet arrived on an established connection.
+    pub fn handle_packet(&mut self, conn: ConnId, packet: Packet, now: Instant) {
+        let Some(client_id) = self.conns.get(&conn).cloned() else {
+            return; // A late packet from a connection that was closed or taken over.
+        };
+        let Some(link) = self
+            .sessions
+            .get_mut(&client_id)
+            .and_then(|s| s.link.as_mut())
+        else {
+            return;
+        };
+        link.last_seen = now;
+        match packet {
+            Packet::Publish(p) => self.on_publish(conn, &client_id, p, now),
+            Packet::PubAck(a) => {
+                let s = self.session_mut(&client_id);
+                if matches!(s.state.outgoing.get(&a.packet_id.get()), Some(Outgoing::Publish(d)) if d.qos == QoS::AtLeastOnce)
+                {
+                    s.state.outgoing.remove(&a.packet_id.get());
+                    s.state.send_order.retain(|p| *p != a.packet_id.get());
+                }
+                self.after_ack(&client_id, now);
+            }
+            Packet::PubRec(r) => {
+                let id = r.packet_id.get();
+                let s = self.session_mut(&client_id);
+                let known = matches!(s.state.outgoing.get(&id), Some(Outgoing::Publish(d)) if d.qos == QoS::ExactlyOnce);
+                if known && r.reason_code.is_error() {
+                    s.state.outgoing.remove(&id);
+                    s.state.send_order.retain(|p| *p != id);
+                    self.after_ack(&client_id, now);
+                    return;
+                }
+                let mut rel = PubRel::new(r.packet_id);
+                if known || matches!(s.state.outgoing.get(&id), Some(Outgoing::Released)) {
+                    s.state.outgoing.insert(id, Outgoing::Released);
+                } else {
+                    rel.reason_code = ReasonCode::PacketIdentifierNotFound;
+                }
+                self.send(conn, rel);
+                self.mark_dirty(&client_id);
+            }
+            Packet::PubRel(r) => {
+                let s = self.session_mut(&client_id);
+                let mut comp = PubComp::new(r.packet_id);
+                if !s.state.incoming_qos2.remove(&r.packet_id.get()) {
+                    comp.reason_code = ReasonCode::PacketIdentifierNotFound;
+                }
+                self.send(conn, comp);
+                self.mark_dirty(&client_id);
+            }
+            Packet::PubComp(c) => {
+                let s = self.session_mut(&client_id);
+                if matches!(
+                    s.state.outgoing.get(&c.packet_id.get()),
+                    Some(Outgoing::Released)
+                ) {
+                    s.state.outgoing.remove(&c.packet_id.get());
+                    s.state.send_order.retain(|p| *p != c.packet_id.get());
+                }
+                self.after_ack(&client_id, now);
+            }
+            Packet::Subscribe(s) => self.on_subscribe(conn, &client_id, s, now),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(conn, &client_id, u),
+            Packet::PingReq => self.send(conn, Packet::PingResp),
+            Packet::Disconnect(d) => {
+                let max_expiry = self.opts.limits.max_session_expiry;
+                let s = self.session_mut(&client_id);
+                if let Some(e) = d.properties.session_expiry_interval {
+                    if s.state.expiry_interval == 0 && e > 0 {
+                        return self.drop_link(conn, Some(ReasonCode::ProtocolError), true, now);
+                    }
+                    s.state.expiry_interval = e.min(max_expiry);
+                }
+                let keep_will = d.reason_code == ReasonCode::DisconnectWithWillMessage;
+                if let Some(link) = self.session_mut(&client_id).link.as_mut()
+                    && !keep_will
+                {
+                    link.will = None;
+                }
+                self.drop_link(conn, None, true, now);
+            }
+            Packet::Connect(_) => {
+                tracing::debug!(client = %client_id, "second CONNECT");
+                self.drop_link(conn, Some(ReasonCode::ProtocolError), true, now);
+            }
+            Packet::Auth(_) => {
+                self.drop_link(conn, Some(ReasonCode::BadAuthenticationMethod), true, now)
+            }
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.drop_link(conn, Some(ReasonCode::ProtocolError), true, now);
+            }
+        }
+    }
+
+    fn session_mut(&mut self, client_id: &ClientId) -> &mut Session {
+        // Callers hold a client id taken from `conns`, whose session always exists.
+        self.sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Session {
+                state: SessionState::new(client_id.clone(), 0),
+                link: None,
+            })
+    }
+
+    fn after_ack(&mut self, client_id: &ClientId, now: Instant) {
+        self.pump(client_id, now);
+        self.mark_dirty(client_id);
+    }
+
+    fn mark_dirty(&mut self, client_id: &ClientId) {
+        if self
+            .sessions
+            .get(client_id)
+            .is_some_and(|s| s.state.is_persistent())
+            && !self.dirty.contains(client_id)
+        {
+            self.dirty.insert(client_id.clone());
+        }
+    }
+
+    fn on_publish(&mut self, conn: ConnId, client_id: &ClientId, mut p: Publish, now: Instant) {
+        Metrics::add(&self.metrics.messages_received, 1);
+        let limits = &self.opts.limits;
+        let (max_len, max_levels, alias_max) = (
+            limits.max_topic_length,
+            limits.max_topic_levels,
+            limits.topic_alias_maximum,
+        );
+        let session = self.session_mut(client_id);
+        let Some(link) = session.link.as_mut() else {
+            return;
+        };
+        let v5 = link.version.is_v5();
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if !v5 || alias == 0 || alias > alias_max {
+                return self.drop_link(conn, Some(ReasonCode::TopicAliasInvalid), true, now);
+            }
+            if p.topic.is_empty() {
+                match link.aliases_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        return self.drop_link(conn, Some(ReasonCode::ProtocolError), true, now);
+                    }
+                }
+            } else {
+                link.aliases_in.insert(alias, p.topic.clone());
+            }
+        }
+        if validate_topic_name(p.topic.as_str(), max_len, max_levels).is_err() {
+            return self.drop_link(conn, Some(ReasonCode::TopicNameInvalid), true, now);
+        }
+        let id = p.packet_id.map_or(0, NonZeroU16::get);
+        if p.qos == QoS::ExactlyOnce {
+            if session.state.incoming_qos2.contains(&id) {
+                // A retransmission of a message we already have: acknowledge only.
+                return self.send(conn, PubRec::new(p.packet_id.unwrap_or(NonZeroU16::MIN)));
+            }
+            if session.state.incoming_qos2.len() >= usize::from(self.opts.limits.max_inflight) {
+                return self.drop_link(conn, Some(ReasonCode::ReceiveMaximumExceeded), true, now);
+            }
+        }
+        // Clients may not publish into the broker's own `$SYS` tree.
+        let denied = p.topic.as_str().starts_with("$SYS/") || p.topic.as_str() == "$SYS";
+        let mut properties = p.properties;
+        let expires_at = Message::expiry_from(properties.message_expiry_interval.take(), now);
+        properties.subscription_identifiers.clear();
+        let message = Arc::new(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties,
+            expires_at,
+            publisher: Some(client_id.clone()),
+        });
+        let matched = if denied {
+            0
+        } else {
+            self.publish(message, now)
+        };
+        let reason = if denied {
+            ReasonCode::NotAuthorized
+        } else if matched == 0 && v5 {
+            ReasonCode::NoMatchingSubscribers
+        } else {
+            ReasonCode::Success
+        };
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(pid)) => {
+                let mut ack = PubAck::new(pid);
+                ack.reason_code = reason;
+                self.send(conn, ack);
+            }
+            (QoS::ExactlyOnce, Some(pid)) => {
+                let mut rec = PubRec::new(pid);
+                rec.reason_code = reason;
+                if !reason.is_error() {
+                    self.session_mut(client_id).state.incoming_qos2.insert(id);
+                    self.mark_dirty(client_id);
+                }
+                self.send(conn, rec);
+            }
+            _ => {}
+        }
+    }
+
+    /// Publishes a message from any source: stores or clears it if retained, routes it.
+    /// Returns the number of sessions it was delivered or queued to.
+    pub fn publish(&mut self, message: SharedMessage, now: Instant) -> usize {
+        if message.retain {
+            let topic = message.topic.as_str();
+            let res = if message.payload.is_empty() {
+                self.retained.remove(topic);
+                self.store.remove_retained(topic)
+            } else {
+                self.retained.insert(topic, message.clone());
+                self.store.save_retained(&message)
+            };
+            if let Err(e) = res {
+                tracing::error!(error = %e, "cannot store retained message");
+            }
+            Metrics::set(&self.metrics.retained_messages, self.retained.len() as u64);
+        }
+        let mut agg = std::mem::take(&mut self.scratch);
+        let sessions = &self.sessions;
+        let connected = |c: &ClientId| sessions.get(c).is_some_and(|s| s.link.is_some());
+        self.router.route(message.topic.as_str(), &connected, |m| {
+            if m.value.no_local && !m.shared && message.publisher.as_ref() == Some(m.client) {
+                return;
+            }
+            let qos = min(message.qos, m.value.qos);
+            let e = agg.entry(m.client.clone()).or_default();
+            e.qos = Some(e.qos.map_or(qos, |q| max(q, qos)));
+            e.retain |= message.retain && m.value.retain_as_published;
+            if let Some(id) = m.value.subscription_id {
+                e.ids.push(id);
+            }
+        });
+        let n = agg.len();
+        for (client, a) in agg.drain() {
+            let d = Delivery {
+                message: message.clone(),
+                qos: a.qos.unwrap_or_default(),
+                retain: a.retain,
+                subscription_ids: a.ids,
+            };
+            self.deliver(&client, d, now);
+        }
+        self.scratch = agg;
+        n
+    }
+
+    /// Queues a delivery in a session (policy applies) and sends what the window allows.
+    fn deliver(&mut self, client_id: &ClientId, d: Delivery, now: Instant) {
+        let max_queued = self.opts.limits.max_queued_messages;
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.link.is_none() && (d.qos == QoS::AtMostOnce || !s.state.is_persistent()) {
+            // QoS 0 is not queued for offline clients (mosquitto's default).
+            self.count_drop(d.qos);
+            return;
+        }
+        if let Some(dropped) = enqueue(&mut s.state.queue, d, max_queued) {
+            self.count_drop(dropped);
+        }
+        self.pump(client_id, now);
+        self.mark_dirty(client_id);
+    }
+
+    fn count_drop(&self, qos: QoS) {
+        Metrics::add(&self.metrics.messages_dropped, 1);
+        if qos == QoS::AtMostOnce {
+            Metrics::add(&self.metrics.messages_dropped_qos0, 1);
+        }
+    }
+
+    /// Sends queued messages while the link has credit and the inflight window has room.
+    fn pump(&mut self, client_id: &ClientId, now: Instant) {
+        let credit = self.opts.limits.connection_buffer;
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let Some(link) = s.link.as_mut() else { return };
+        let conn = link.conn;
+        let version = link.version;
+        let mut sent = 0u64;
+        let mut dropped = Vec::new();
+        while let Some(front) = s.state.queue.front() {
+            if link.in_transit >= credit {
+                break;
+            }
+            if front.message.is_expired(now) {
+                if let Some(d) = s.state.queue.pop_front() {
+                    dropped.push(d.qos);
+                }
+                continue;
+            }
+            if front.qos != QoS::AtMostOnce && s.state.outgoing.len() >= link.window {
+                break;
+            }
+            let Some(d) = s.state.queue.pop_front() else {
+                break;
+            };
+            let packet_id = if d.qos == QoS::AtMostOnce {
+                None
+            } else {
+                pid(next_packet_id(&mut s.state))
+            };
+            let publish = build_publish(&d, packet_id, false, link, now);
+            let packet = Packet::Publish(publish);
+            if packet
+                .encoded_len(version)
+                .map_or(true, |len| len > link.max_packet_size)
+            {
+                // Too large for this client: discarded as if delivered [MQTT-3.1.2-25].
+                undo_alias(link, &d);
+                dropped.push(d.qos);
+                continue;
+            }
+            if let Some(p) = packet_id {
+                s.state.outgoing.insert(p.get(), Outgoing::Publish(d));
+                s.state.send_order.push_back(p.get());
+            }
+            link.in_transit += 1;
+            sent += 1;
+            self.transmits.push_back((conn, Transmit::Packet(packet)));
+        }
+        if sent > 0 {
+            Metrics::add(&self.metrics.messages_sent, sent);
+        }
+        for q in dropped {
+            self.count_drop(q);
+        }
+    }
+
+    /// Resends every unacknowledged outgoing message of a session that just (re)connected:
+    /// PUBLISH with DUP for those not yet acknowledged, PUBREL for released QoS 2.
+    fn redeliver(&mut self, client_id: &ClientId, now: Instant) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let Some(link) = s.link.as_mut() else { return };
+        let conn = link.conn;
+        let mut out = Vec::new();
+        for id in &s.state.send_order {
+            match s.state.outgoing.get(id) {
+                Some(Outgoing::Publish(d)) => {
+                    link.in_transit += 1;
+                    out.push(Packet::Publish(build_publish(d, pid(*id), true, link, now)));
+                }
+                Some(Outgoing::Released) => {
+                    if let Some(p) = pid(*id) {
+                        out.push(Packet::PubRel(PubRel::new(p)));
+                    }
+                }
+                None => {}
+            }
+        }
+        Metrics::add(
+            &self.metrics.messages_sent,
+            out.iter()
+                .filter(|p| matches!(p, Packet::Publish(_)))
+                .count() as u64,
+        );
+        self.transmits
+            .extend(out.into_iter().map(|p| (conn, Transmit::Packet(p))));
+    }
+
+    fn on_subscribe(&mut self, conn: ConnId, client_id: &ClientId, sub: Subscribe, now: Instant) {
+        let limits = self.opts.limits.clone();
+        let sub_id = sub.properties.subscription_identifier;
+        let mut reasons = Vec::with_capacity(sub.filters.len());
+        let mut retained = Vec::new();
+        for f in &sub.filters {
+            let raw = f.filter.as_str();
+            let spec = match parse_filter(raw, limits.max_topic_length, limits.max_topic_levels) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    tracing::debug!(client = %client_id, filter = raw, error = %e, "subscription refused");
+                    reasons.push(ReasonCode::TopicFilterInvalid);
+                    continue;
+                }
+            };
+            let o = f.options;
+            let entry = Subscription {
+                qos: o.qos,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                retain_handling: o.retain_handling as u8,
+                subscription_id: sub_id,
+            };
+            let existed = self
+                .router
+                .subscribe(&spec, client_id.clone(), entry.clone());
+            self.session_mut(client_id)
+                .state
+                .subscriptions
+                .insert(raw.to_owned(), entry.clone());
+            reasons.push(granted(o.qos));
+            let send_retained = spec.share_group.is_none()
+                && match o.retain_handling {
+                    RetainHandling::SendAtSubscribe => true,
+                    RetainHandling::SendAtSubscribeIfNew => !existed,
+                    RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                for m in self.retained.matching(spec.filter) {
+                    if !m.is_expired(now) {
+                        retained.push(Delivery {
+                            message: m.clone(),
+                            qos: min(m.qos, o.qos),
+                            retain: true,
+                            subscription_ids: sub_id.into_iter().collect(),
+                        });
+                    }
+                }
+            }
+        }
+        Metrics::set(&self.metrics.subscriptions, self.router.len() as u64);
+        self.send(
+            conn,
+            SubAck {
+                packet_id: sub.packet_id,
+                reason_codes: reasons,
+                properties: Default::default(),
+            },
+        );
+        for d in retained {
+            self.deliver(client_id, d, now);
+        }
+        self.mark_dirty(client_id);
+    }
+
+    fn on_unsubscribe(&mut self, conn: ConnId, client_id: &ClientId, u: Unsubscribe) {
+        let limits = &self.opts.limits;
+        let (max_len, max_levels) = (limits.max_topic_length, limits.max_topic_levels);
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let raw = f.as_str();
+            let Ok(spec) = parse_filter(raw, max_len, max_levels) else {
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            };
+            let removed = self.router.unsubscribe(&spec, client_id);
+            self.session_mut(client_id).state.subscriptions.remove(raw);
+            reasons.push(if removed {
+                ReasonCode::Success
+            } else {
+                ReasonCode::NoSubscriptionExisted
+            });
+        }
+        Metrics::set(&self.metrics.subscriptions, self.router.len() as u64);
+        self.send(
+            conn,
+            UnsubAck {
+                packet_id: u.packet_id,
+                reason_codes: reasons,
+                properties: Default::default(),
+            },
+        );
+        self.mark_dirty(client_id);
+    }
+
+    /// Ends a connection's link: optionally tells a 5.0 client why, closes it, publishes or
+    /// schedules its will (unless cleared by a normal DISCONNECT), and ends or parks the session.
+    fn drop_link(&mut self, conn: ConnId, reason: Option<ReasonCode>, close: bool, now: Instant) {
+        let Some(client_id) = self.conns.remove(&conn) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&client_id) else {
+            return;
+        };
+        let Some(link) = session.link.take_if(|l| l.conn == conn) else {
+            return;
+        };
+        Metrics::sub(&self.metrics.clients_connected, 1);
+        if let Some(reason) = reason
+            && link.version.is_v5()
+        {
+            let mut d = Disconnect::new(reason);
+            if link.problem_info {
+                d.properties.reason_string = reason_string(&format!("{reason:?}"));
+            }
+            self.transmits.push_back((conn, Transmit::Packet(d.into())));
+        }
+        if close {
+            self.transmits.push_back((conn, Transmit::Close));
+        }
+        let session = self.session_mut(&client_id);
+        let expiry = session.state.expiry_interval;
+        let mut wills = Vec::new();
+        if let Some(w) = link.will {
+            let delay = w.delay.min(expiry);
+            if delay == 0 {
+                wills.push((w.message, w.expiry_interval));
+            } else {
+                let mut m = w.message;
+                m.expires_at = None;
+                m.properties.message_expiry_interval = w.expiry_interval;
+                session.state.pending_will = Some(PendingWill {
+                    message: Arc::new(m),
+                    publish_at: now + Duration::from_secs(u64::from(delay)),
+                });
+            }
+        }
+        if expiry == 0 {
+            if let Some(old) = self.sessions.remove(&client_id) {
+                self.forget_session(old, now, &mut wills);
+            }
+        } else {
+            if expiry != u32::MAX {
+                session.state.expires_at = Some(now + Duration::from_secs(u64::from(expiry)));
+            }
+            self.mark_dirty(&client_id);
+        }
+        tracing::debug!(client = %client_id, conn, ?reason, "disconnected");
+        for (m, exp) in wills {
+            self.publish_will(m, exp, now);
+        }
+    }
+
+    /// The driver found a malformed packet: a 5.0 client gets DISCONNECT with `reason`, the
+    /// connection closes, the will is published.
+    pub fn handle_protocol_error(&mut self, conn: ConnId, reason: ReasonCode, now: Instant) {
+        self.drop_link(conn, Some(reason), true, now);
+    }
+
+    /// The driver saw the connection end (network error, EOF, or a protocol error it already
+    /// answered). Wills are published per the rules.
+    pub fn handle_closed(&mut self, conn: ConnId, reason: CloseReason, now: Instant) {
+        let _ = reason;
+        self.drop_link(conn, None, false, now);
+    }
+
+    /// The driver wrote `n` packets that [`Broker::poll_transmit`] handed it for `conn`.
+    pub fn handle_written(&mut self, conn: ConnId, n: usize, now: Instant) {
+        let Some(client_id) = self.conns.get(&conn).cloned() else {
+            return;
+        };
+        let Some(link) = self
+            .sessions
+            .get_mut(&client_id)
+            .and_then(|s| s.link.as_mut())
+        else {
+            return;
+        };
+        link.in_transit = link.in_transit.saturating_sub(n);
+        self.pump(&client_id, now);
+    }
+
+    /// Time passed: keep-alive timeouts, delayed wills, session and retained-message expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut timed_out = Vec::new();
+        let mut wills = Vec::new();
+        let mut expired = Vec::new();
+        for (id, s) in &mut self.sessions {
+            match &s.link {
+                Some(link) => {
+                    if !link.keep_alive_timeout.is_zero()
+                        && now.duration_since(link.last_seen) > link.keep_alive_timeout
+                    {
+                        timed_out.push(link.conn);
+                    }
+                }
+                None => {
+                    if let Some(w) = s.state.pending_will.take_if(|w| now >= w.publish_at) {
+                        wills.push(w);
+                    }
+                    if s.state.expires_at.is_some_and(|at| now >= at) {
+                        expired.push(id.clone());
+                    }
+                }
+            }
+        }
+        for conn in timed_out {
+            tracing::debug!(conn, "keep alive timeout");
+            self.drop_link(conn, Some(ReasonCode::KeepAliveTimeout), true, now);
+        }
+        for w in wills {
+            let exp = w.message.properties.message_expiry_interval;
+            self.publish_will((*w.message).clone(), exp, now);
+        }
+        let mut session_wills = Vec::new();
+        for id in expired {
+            if let Some(old) = self.sessions.remove(&id) {
+                tracing::debug!(client = %id, "session expired");
+                self.forget_session(old, now, &mut session_wills);
+            }
+        }
+        for (m, _) in session_wills {
+            let exp = m.properties.message_expiry_interval;
+            self.publish_will(m, exp, now);
+        }
+        if self
+            .last_sweep
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_sweep = Some(now);
+            let before = self.retained.len();
+            self.retained.retain_values(|m| !m.is_expired(now));
+            if self.retained.len() != before {
+                Metrics::set(&self.metrics.retained_messages, self.retained.len() as u64);
+            }
+        }
+    }
+
+    /// Publishes the broker's `$SYS` topics (retained, QoS 0).
+    pub fn publish_sys(&mut self, topics: Vec<(&'static str, String)>, now: Instant) {
+        for (topic, value) in topics {
+            let Ok(topic) = Topic::new(topic) else {
+                continue;
+            };
+            let m = Message {
+                topic,
+                payload: bytes::Bytes::from(value),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                properties: PublishProperties::default(),
+                expires_at: None,
+                publisher: None,
+            };
+            self.publish(Arc::new(m), now);
+        }
+    }
+
+    /// Server shutdown: every 5.0 client gets DISCONNECT 0x8B, every connection is closed,
+    /// persistent sessions are saved.
+    pub fn shutdown(&mut self, now: Instant) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            // No will on server shutdown: the client did nothing wrong.
+            if let Some(link) = self
+                .conns
+                .get(&conn)
+                .and_then(|c| self.sessions.get_mut(c))
+                .and_then(|s| s.link.as_mut())
+            {
+                link.will = None;
+            }
+            self.drop_link(conn, Some(ReasonCode::ServerShuttingDown), true, now);
+        }
+        self.flush_store();
+    }
+
+    /// Saves every persistent session changed since the last call. The driver calls this after
+    /// each batch of events.
+    pub fn flush_store(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(s) = self.sessions.get(&id)
+                && s.state.is_persistent()
+                && let Err(e) = self.store.save_session(&s.state)
+            {
+                tracing::error!(client = %id, error = %e, "cannot save session");
+            }
+        }
+    }
+}
+
+/// Appends `d` to a bounded queue; on overflow drops the oldest QoS 0 message, else the new
+/// one. Returns the QoS of what was dropped.
+pub(crate) fn enqueue(queue: &mut VecDeque<Delivery>, d: Delivery, max: usize) -> Option<QoS> {
+    if queue.len() < max {
+        queue.push_back(d);
+        return None;
+    }
+    if let Some(pos) = queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
+        queue.remove(pos);
+        queue.push_back(d);
+        return Some(QoS::AtMostOnce);
+    }
+    Some(d.qos)
+}
+
+fn next_packet_id(state: &mut SessionState) -> u16 {
+    // The window is at most 65,535 so a free id always exists when this is called.
+    for _ in 0..=u16::MAX {
+        state.last_packet_id = state.last_packet_id.checked_add(1).unwrap_or(1);
+        if !state.outgoing.contains_key(&state.last_packet_id) {
+            break;
+        }
+    }
+    state.last_packet_id
+}
+
+fn undo_alias(link: &mut Link, d: &Delivery) {
+    // An alias assigned to a packet that is not sent would leave the client unaware of it.
+    if let Some(a) = link.aliases_out.get(&d.message.topic).copied()
+        && usize::from(a) == link.aliases_out.len()
+    {
+        link.aliases_out.remove(&d.message.topic);
+    }
+}
+
+/// Builds the PUBLISH for one delivery: packet id, DUP, outgoing topic alias, remaining
+/// expiry, subscription identifiers.
+fn build_publish(
+    d: &Delivery,
+    packet_id: Option<PacketId>,
+    dup: bool,
+    link: &mut Link,
+    now: Instant,
+) -> Publish {
+    let m = &d.message;
+    let mut properties = m.properties.clone();
+    properties.message_expiry_interval = m.remaining_expiry(now);
+    properties
+        .subscription_identifiers
+        .clone_from(&d.subscription_ids);
+    let mut topic = m.topic.clone();
+    if link.version.is_v5() && link.alias_max_out > 0 {
+        match link.aliases_out.get(&m.topic) {
+            Some(&a) if !dup => {
+                properties.topic_alias = Some(a);
+                topic = Topic::empty();
+            }
+            Some(&a) => properties.topic_alias = Some(a),
+            None if link.aliases_out.len() < usize::from(link.alias_max_out) => {
+                let a = link.aliases_out.len() as u16 + 1;
+                link.aliases_out.insert(m.topic.clone(), a);
+                properties.topic_alias = Some(a);
+            }
+            None => {}
+        }
+    }
+    Publish {
+        dup: dup && d.qos != QoS::AtMostOnce,
+        qos: d.qos,
+        retain: d.retain,
+        topic,
+        packet_id,
+        properties,
+        payload: m.payload.clone(),
+    }
+}

@@ -1,0 +1,555 @@
+//! The tokio edges: the TCP listener, one task per connection, and the core task that owns the
+//! [`Broker`].
+//!
+//! Shape (mini-redis's `server.rs`/`shutdown.rs`, quinn's driver):
+//! - The listener accepts while a connection permit is free (`max_connections`); over the limit
+//!   a connection is closed at once and counted.
+//! - A connection is any byte stream plus a peer address ([`serve_connection`] is generic over
+//!   `AsyncRead + AsyncWrite`): its reader half decodes packets and sends them to the core over
+//!   the bounded event channel (so a fast publisher is slowed by TCP back-pressure, never the
+//!   core); its writer half drains a bounded per-connection channel of [`Transmit`]s, encodes
+//!   them in batches and reports how many PUBLISHes it wrote (the core's credit).
+//! - The core task is the only owner of the `Broker`. It never awaits a connection: it uses
+//!   `try_send`; a connection whose channel is full even for control packets is killed.
+//! - Shutdown: a `watch` flips; the listener stops accepting, the core sends DISCONNECT 0x8B to
+//!   5.0 clients and closes every connection; writers flush what is queued; `run` returns when
+//!   every connection task has ended (a counted drop of an mpsc sender) or the grace time is up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use mqttd_codec::{
+    ConnAck, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode, decode, decode_connect,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+
+use crate::broker::{Broker, BrokerOptions, CloseReason, ConnId, Transmit};
+use crate::config::{Config, Limits};
+use crate::metrics::Metrics;
+use crate::store::MemoryStore;
+
+/// An input to the core task.
+#[derive(Debug)]
+pub enum Event {
+    /// A connection sent its CONNECT.
+    Connect {
+        /// The connection.
+        conn: ConnId,
+        /// Its peer.
+        peer: SocketAddr,
+        /// The decoded CONNECT.
+        connect: Box<Connect>,
+        /// Where the core sends its packets.
+        tx: mpsc::Sender<Transmit>,
+        /// Kills the connection when it cannot keep up.
+        kill: Arc<Notify>,
+    },
+    /// A packet on an established connection.
+    Packet {
+        /// The connection.
+        conn: ConnId,
+        /// The packet.
+        packet: Packet,
+    },
+    /// The peer broke the protocol; the core tells it (5.0) and closes.
+    ProtocolError {
+        /// The connection.
+        conn: ConnId,
+        /// The reason code for the DISCONNECT.
+        reason: ReasonCode,
+    },
+    /// The writer wrote this many PUBLISH packets.
+    Written {
+        /// The connection.
+        conn: ConnId,
+        /// How many.
+        n: usize,
+    },
+    /// The connection ended.
+    Closed {
+        /// The connection.
+        conn: ConnId,
+    },
+}
+
+/// What every connection task needs.
+#[derive(Clone, Debug)]
+pub struct ConnContext {
+    events: mpsc::Sender<Event>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    /// Held by every connection task: the core waits for all clones to drop on shutdown.
+    _alive: mpsc::Sender<()>,
+}
+
+/// A running broker: its addresses and how to stop it.
+#[derive(Debug)]
+pub struct Running {
+    /// The MQTT listener's address.
+    pub mqtt_addr: SocketAddr,
+    /// The HTTP listener's address, if enabled.
+    pub http_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts a graceful shutdown and waits for it to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.done.await;
+    }
+
+    /// Waits until the broker has stopped (after a shutdown started elsewhere).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// A handle that starts a shutdown.
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Binds the listeners and starts the broker's tasks.
+pub async fn start(config: Config) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(config.listen).await?;
+    let mqtt_addr = listener.local_addr()?;
+    let http = match config.http_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let http_addr = match &http {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let Some(l) = http {
+        tokio::spawn(crate::http::serve(l, metrics.clone(), shutdown_rx.clone()));
+    }
+    let broker = Broker::new(
+        BrokerOptions {
+            limits: config.limits.clone(),
+            allow_anonymous: config.allow_anonymous,
+        },
+        MemoryStore::new(),
+        metrics.clone(),
+        Instant::now(),
+    )
+    .map_err(std::io::Error::other)?;
+    let (events_tx, events_rx) = mpsc::channel(8192);
+    let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
+    let ctx = ConnContext {
+        events: events_tx,
+        limits: config.limits.clone(),
+        metrics: metrics.clone(),
+        _alive: alive_tx,
+    };
+    let core = tokio::spawn(run_core(
+        broker,
+        events_rx,
+        shutdown_rx.clone(),
+        config.clone(),
+        metrics.clone(),
+    ));
+    let accept = tokio::spawn(accept_loop(
+        listener,
+        ctx,
+        shutdown_rx,
+        config.limits.max_connections,
+        metrics,
+    ));
+    let grace = config.shutdown_grace;
+    let done = tokio::spawn(async move {
+        let _ = accept.await;
+        // Every connection task holds an `_alive` sender; recv() returns None when all are gone.
+        let mut alive_rx = alive_rx;
+        let _ = tokio::time::timeout(grace + Duration::from_secs(1), alive_rx.recv()).await;
+        let _ = core.await;
+    });
+    Ok(Running {
+        mqtt_addr,
+        http_addr,
+        shutdown: shutdown_tx,
+        done,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: ConnContext,
+    mut shutdown: watch::Receiver<bool>,
+    max_connections: usize,
+    metrics: Arc<Metrics>,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut next_conn: ConnId = 0;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        Metrics::add(&metrics.connections_accepted, 1);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            Metrics::add(&metrics.connections_refused, 1);
+            tracing::warn!(%peer, max_connections, "connection refused: limit reached");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        next_conn += 1;
+        let ctx = ctx.clone();
+        let conn = next_conn;
+        tokio::spawn(async move {
+            serve_connection(stream, peer, conn, ctx).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Reads until one CONNECT is decoded. `Ok(None)`: the peer closed first.
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    metrics: &Metrics,
+) -> Result<Option<Connect>, DecodeError> {
+    loop {
+        if let Some(c) = decode_connect(buf, max)? {
+            return Ok(Some(c));
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => Metrics::add(&metrics.bytes_received, n as u64),
+        }
+    }
+}
+
+/// The protocol level a partial CONNECT announces, if the buffer holds that far.
+fn announced_level(buf: &[u8]) -> Option<u8> {
+    // Fixed header (1 byte + 1-4 length bytes), then protocol name (2 + n) and the level byte.
+    let mut i = 1;
+    while i < buf.len() && i < 5 && buf[i] & 0x80 != 0 {
+        i += 1;
+    }
+    let name_at = i + 1;
+    let len = usize::from(u16::from_be_bytes([
+        *buf.get(name_at)?,
+        *buf.get(name_at + 1)?,
+    ]));
+    buf.get(name_at + 2 + len).copied()
+}
+
+/// Serves one MQTT connection over any byte stream until it ends.
+pub async fn serve_connection<IO>(io: IO, peer: SocketAddr, conn: ConnId, ctx: ConnContext)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let max = ctx.limits.max_packet_size as usize;
+    let mut buf = BytesMut::with_capacity(4096);
+    let connect = match tokio::time::timeout(
+        ctx.limits.connect_timeout,
+        read_connect(&mut rd, &mut buf, max, &ctx.metrics),
+    )
+    .await
+    {
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT in time");
+            return;
+        }
+        Ok(Ok(Some(c))) => c,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "bad CONNECT");
+            // 3.1.1 has return codes for two CONNECT errors; 5.0 has a reason code for all.
+            let reply = if let Some(code) = e.connack_code_v3() {
+                ReasonCode::from_v3_connack(code).map(|rc| (ProtocolVersion::V3_1_1, rc))
+            } else if announced_level(&buf) == Some(5) {
+                Some((ProtocolVersion::V5, e.reason_code()))
+            } else {
+                None
+            };
+            if let Some((version, rc)) = reply {
+                let mut out = BytesMut::new();
+                if Packet::ConnAck(Box::new(ConnAck::new(rc)))
+                    .encode(version, &mut out)
+                    .is_ok()
+                {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+                }
+            }
+            let _ = wr.shutdown().await;
+            return;
+        }
+    };
+    let version = connect.protocol_version;
+    let capacity = ctx.limits.connection_buffer + 2 * usize::from(ctx.limits.max_inflight) + 64;
+    let (tx, rx) = mpsc::channel(capacity);
+    let kill = Arc::new(Notify::new());
+    let event = Event::Connect {
+        conn,
+        peer,
+        connect: Box::new(connect),
+        tx,
+        kill: kill.clone(),
+    };
+    if ctx.events.send(event).await.is_err() {
+        return;
+    }
+    let mut writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        version,
+        conn,
+        ctx.events.clone(),
+        ctx.metrics.clone(),
+    ));
+    let mut writer_done = false;
+    'read: loop {
+        loop {
+            match decode(&mut buf, version, max) {
+                Ok(Some(packet)) => {
+                    if ctx
+                        .events
+                        .send(Event::Packet { conn, packet })
+                        .await
+                        .is_err()
+                    {
+                        break 'read;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(%peer, conn, error = %e, "malformed packet");
+                    let _ = ctx
+                        .events
+                        .send(Event::ProtocolError {
+                            conn,
+                            reason: e.reason_code(),
+                        })
+                        .await;
+                    break 'read;
+                }
+            }
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => Metrics::add(&ctx.metrics.bytes_received, n as u64),
+            },
+            _ = &mut writer => { writer_done = true; break }
+            _ = kill.notified() => { writer.abort(); break }
+        }
+    }
+    let _ = ctx.events.send(Event::Closed { conn }).await;
+    if !writer_done {
+        // The core drops our sender on Closed; the writer then flushes what is queued and ends.
+        tokio::select! {
+            _ = &mut writer => {}
+            _ = kill.notified() => writer.abort(),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => writer.abort(),
+        }
+    }
+    drop(ctx);
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Transmit>,
+    version: ProtocolVersion,
+    conn: ConnId,
+    events: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
+) {
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        if rx.recv_many(&mut batch, 64).await == 0 {
+            break; // The core let go of this connection.
+        }
+        let mut publishes = 0;
+        let mut close = false;
+        for t in batch.drain(..) {
+            match t {
+                Transmit::Packet(p) => {
+                    if matches!(p, Packet::Publish(_)) {
+                        publishes += 1;
+                    }
+                    if let Err(e) = p.encode(version, &mut out) {
+                        tracing::warn!(conn, error = %e, "cannot encode packet");
+                    }
+                }
+                Transmit::Close => {
+                    close = true;
+                    break;
+                }
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+            Metrics::add(&metrics.bytes_sent, out.len() as u64);
+            out.clear();
+            if out.capacity() > 1 << 20 {
+                out = BytesMut::with_capacity(16 * 1024);
+            }
+        }
+        if publishes > 0
+            && events
+                .send(Event::Written { conn, n: publishes })
+                .await
+                .is_err()
+        {
+            break;
+        }
+        if close {
+            break;
+        }
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+struct Handle {
+    tx: mpsc::Sender<Transmit>,
+    kill: Arc<Notify>,
+}
+
+async fn run_core(
+    mut broker: Broker<MemoryStore>,
+    mut events: mpsc::Receiver<Event>,
+    mut shutdown: watch::Receiver<bool>,
+    config: Config,
+    metrics: Arc<Metrics>,
+) {
+    let mut handles: HashMap<ConnId, Handle> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sys_every = config.sys_interval.unwrap_or(Duration::from_secs(3600));
+    let mut sys = tokio::time::interval(sys_every);
+    sys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        tokio::select! {
+            n = events.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    break;
+                }
+                let now = Instant::now();
+                for ev in batch.drain(..) {
+                    handle_event(&mut broker, &mut handles, ev, now);
+                    dispatch(&mut broker, &mut handles, now);
+                }
+                broker.flush_store();
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                broker.handle_timeout(now);
+                dispatch(&mut broker, &mut handles, now);
+            }
+            _ = sys.tick(), if config.sys_interval.is_some() => {
+                let now = Instant::now();
+                broker.publish_sys(metrics.sys_topics(), now);
+                dispatch(&mut broker, &mut handles, now);
+            }
+            _ = shutdown.changed() => {
+                tracing::info!(clients = broker.connected(), "shutting down");
+                let now = Instant::now();
+                broker.shutdown(now);
+                dispatch(&mut broker, &mut handles, now);
+                handles.clear();
+                break;
+            }
+        }
+    }
+    // Keep draining events so no connection task blocks on a full channel while it ends.
+    let deadline = tokio::time::sleep(config.shutdown_grace);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            n = events.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    break;
+                }
+                for ev in batch.drain(..) {
+                    if let Event::Connect { tx, .. } = ev {
+                        // Accepted just before shutdown: refuse it politely.
+                        let _ = tx.try_send(Transmit::Packet(Packet::ConnAck(Box::new(ConnAck::new(ReasonCode::ServerShuttingDown)))));
+                        let _ = tx.try_send(Transmit::Close);
+                    }
+                }
+            }
+            _ = &mut deadline => break,
+        }
+    }
+}
+
+fn handle_event(
+    broker: &mut Broker<MemoryStore>,
+    handles: &mut HashMap<ConnId, Handle>,
+    ev: Event,
+    now: Instant,
+) {
+    match ev {
+        Event::Connect {
+            conn,
+            peer,
+            connect,
+            tx,
+            kill,
+        } => {
+            handles.insert(conn, Handle { tx, kill });
+            broker.handle_connect(conn, peer.ip(), *connect, now);
+        }
+        Event::Packet { conn, packet } => broker.handle_packet(conn, packet, now),
+        Event::ProtocolError { conn, reason } => broker.handle_protocol_error(conn, reason, now),
+        Event::Written { conn, n } => broker.handle_written(conn, n, now),
+        Event::Closed { conn } => {
+            handles.remove(&conn);
+            broker.handle_closed(conn, CloseReason::NetworkError, now);
+        }
+    }
+}
+
+/// Hands every pending transmit to its connection without ever waiting.
+fn dispatch(broker: &mut Broker<MemoryStore>, handles: &mut HashMap<ConnId, Handle>, now: Instant) {
+    while let Some((conn, t)) = broker.poll_transmit() {
+        let Some(h) = handles.get(&conn) else {
+            continue;
+        };
+        let close = matches!(t, Transmit::Close);
+        match h.tx.try_send(t) {
+            Ok(()) if close => {
+                handles.remove(&conn);
+            }
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(conn, "connection cannot keep up; closing it");
+                if let Some(h) = handles.remove(&conn) {
+                    h.kill.notify_one();
+                }
+                broker.handle_closed(conn, CloseReason::NetworkError, now);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                handles.remove(&conn);
+            }
+        }
+    }
+}

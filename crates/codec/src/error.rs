@@ -204,8 +204,7 @@ impl DecodeError {
             | ConnectReservedFlag
             | WillFlagsWithoutWill
             | PasswordWithoutUsername
-            | InvalidSubscriptionOptions(_)
-            => ReasonCode::MalformedPacket,
+            | InvalidSubscriptionOptions(_) => ReasonCode::MalformedPacket,
         }
     }
 

@@ -52,6 +52,7 @@
 //! // Vocabulary
 //! ProtocolVersion { V3_1, V3_1_1, V5 }   QoS { AtMostOnce, AtLeastOnce, ExactlyOnce }
 //! PacketId = NonZeroU16                  ReasonCode (every 5.0 code; to/from 3.1.1 return codes)
+//! UserProperties (wire form; iter() -> (&str, &str), push, get, to_vec)
 //! MqttString (validated UTF-8 in Bytes)  Topic (no wildcards)  TopicFilter (share_name(), filter())
 //! ```
 //!
@@ -100,19 +101,20 @@ mod string;
 #[cfg(feature = "tokio-codec")]
 mod tokio_codec;
 mod topic;
+mod user_properties;
 mod wire;
 
 pub use decode::{Codec, Status, check, decode, decode_bytes, decode_connect, decode_frame};
 pub use error::{DecodeError, EncodeError};
 pub use packet::{
     Auth, ConnAck, Connect, Disconnect, Packet, PubAck, PubComp, PubRec, PubRel, Publish,
-    RetainHandling, SubAck, Subscribe, SubscribeFilter, SubscriptionOptions, UnsubAck,
-    Unsubscribe, Will,
+    RetainHandling, SubAck, Subscribe, SubscribeFilter, SubscriptionOptions, UnsubAck, Unsubscribe,
+    Will,
 };
 pub use properties::{
     AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
     PayloadFormat, PropertyId, PublishProperties, SubscribeProperties, UnsubscribeProperties,
-    UserProperty, WillProperties,
+    WillProperties,
 };
 pub use protocol::{PacketId, PacketType, ProtocolVersion, QoS};
 pub use reason::{ReasonCode, ReasonCodeContext};
@@ -120,6 +122,7 @@ pub use string::{MAX_STRING_LEN, MqttString};
 #[cfg(feature = "tokio-codec")]
 pub use tokio_codec::CodecError;
 pub use topic::{Topic, TopicError, TopicFilter};
+pub use user_properties::{Iter as UserPropertiesIter, UserProperties, UserProperty};
 pub use wire::VARINT_MAX;
 
 /// The largest packet MQTT can frame: a 268,435,455-byte remaining length plus a 5-byte fixed

@@ -13,6 +13,7 @@ use crate::error::DecodeError;
 use crate::protocol::{PacketType, QoS};
 use crate::string::MqttString;
 use crate::topic::Topic;
+use crate::user_properties::{Collector, UserProperties};
 use crate::wire::{Reader, VARINT_MAX, varint_len, write_binary, write_varint};
 
 /// A property identifier (§2.2.2.2).
@@ -86,22 +87,6 @@ impl PropertyId {
     }
 }
 
-/// A User Property: a name/value pair of UTF-8 strings; may repeat, order is kept.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UserProperty {
-    /// The name.
-    pub name: MqttString,
-    /// The value.
-    pub value: MqttString,
-}
-
-impl UserProperty {
-    /// A pair from two validated strings.
-    pub fn new(name: MqttString, value: MqttString) -> Self {
-        Self { name, value }
-    }
-}
-
 /// The Payload Format Indicator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PayloadFormat {
@@ -126,7 +111,7 @@ pub struct ConnectProperties {
     pub request_problem_information: Option<bool>,
     pub authentication_method: Option<MqttString>,
     pub authentication_data: Option<Bytes>,
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
 }
 
 /// Will Properties, in the CONNECT payload (§3.1.3.2).
@@ -139,7 +124,7 @@ pub struct WillProperties {
     pub content_type: Option<MqttString>,
     pub response_topic: Option<Topic>,
     pub correlation_data: Option<Bytes>,
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
 }
 
 /// Properties of CONNACK (§3.2.2.3).
@@ -157,7 +142,7 @@ pub struct ConnAckProperties {
     pub assigned_client_identifier: Option<MqttString>,
     pub topic_alias_maximum: Option<u16>,
     pub reason_string: Option<MqttString>,
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
     pub wildcard_subscription_available: Option<bool>,
     pub subscription_identifiers_available: Option<bool>,
     pub shared_subscription_available: Option<bool>,
@@ -178,7 +163,7 @@ pub struct PublishProperties {
     pub topic_alias: Option<u16>,
     pub response_topic: Option<Topic>,
     pub correlation_data: Option<Bytes>,
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
     /// Server to client only; each in 1..=268,435,455; may repeat.
     pub subscription_identifiers: Vec<u32>,
     pub content_type: Option<MqttString>,
@@ -190,7 +175,7 @@ pub struct PublishProperties {
 #[allow(missing_docs)]
 pub struct AckProperties {
     pub reason_string: Option<MqttString>,
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
 }
 
 /// Properties of SUBSCRIBE (§3.8.2.1).
@@ -199,14 +184,14 @@ pub struct AckProperties {
 pub struct SubscribeProperties {
     /// In 1..=268,435,455.
     pub subscription_identifier: Option<u32>,
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
 }
 
 /// Properties of UNSUBSCRIBE (§3.10.2.1).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct UnsubscribeProperties {
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
 }
 
 /// Properties of DISCONNECT (§3.14.2.2).
@@ -215,7 +200,7 @@ pub struct UnsubscribeProperties {
 pub struct DisconnectProperties {
     pub session_expiry_interval: Option<u32>,
     pub reason_string: Option<MqttString>,
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
     pub server_reference: Option<MqttString>,
 }
 
@@ -226,7 +211,7 @@ pub struct AuthProperties {
     pub authentication_method: Option<MqttString>,
     pub authentication_data: Option<Bytes>,
     pub reason_string: Option<MqttString>,
-    pub user_properties: Vec<UserProperty>,
+    pub user_properties: UserProperties,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -240,24 +225,27 @@ enum Value {
     VarInt(u32),
     Str(MqttString),
     Bin(Bytes),
-    Pair(MqttString, MqttString),
 }
 
-/// Reads the Property Length and calls `f` for each property in order.
+/// Reads the Property Length and calls `f` for each property in order, except User
+/// Properties, which are validated and collected into the returned [`UserProperties`].
 #[inline]
 fn read_each(
     r: &mut Reader,
     mut f: impl FnMut(PropertyId, Value) -> Result<(), DecodeError>,
-) -> Result<(), DecodeError> {
+) -> Result<UserProperties, DecodeError> {
     let len = r.varint()? as usize;
     if len == 0 {
-        return Ok(());
+        return Ok(UserProperties::new());
     }
     if len > r.remaining() {
         return Err(DecodeError::InvalidPropertyLength);
     }
-    let mut p = Reader::new(r.take(len)?);
+    let block = r.take(len)?;
+    let mut p = Reader::new(block.clone());
+    let mut users = Collector::new();
     while p.remaining() > 0 {
+        let start = p.position();
         let raw = p.varint()?;
         let id = u8::try_from(raw)
             .ok()
@@ -276,17 +264,29 @@ fn read_each(
             ServerKeepAlive | ReceiveMaximum | TopicAliasMaximum | TopicAlias => {
                 Value::U16(p.u16()?)
             }
-            MessageExpiryInterval | SessionExpiryInterval | WillDelayInterval
+            MessageExpiryInterval
+            | SessionExpiryInterval
+            | WillDelayInterval
             | MaximumPacketSize => Value::U32(p.u32()?),
             SubscriptionIdentifier => Value::VarInt(p.varint()?),
-            ContentType | ResponseTopic | AssignedClientIdentifier | AuthenticationMethod
-            | ResponseInformation | ServerReference | ReasonString => Value::Str(p.string()?),
+            ContentType
+            | ResponseTopic
+            | AssignedClientIdentifier
+            | AuthenticationMethod
+            | ResponseInformation
+            | ServerReference
+            | ReasonString => Value::Str(p.string()?),
             CorrelationData | AuthenticationData => Value::Bin(p.binary()?),
-            UserProperty => Value::Pair(p.string()?, p.string()?),
+            UserProperty => {
+                p.skip_string()?;
+                p.skip_string()?;
+                users.add(&block, start, p.position());
+                continue;
+            }
         };
         f(id, value)?;
     }
-    Ok(())
+    Ok(users.finish(&block))
 }
 
 /// Stores `v` in `slot`, rejecting a second occurrence.
@@ -345,7 +345,7 @@ fn not_allowed(id: PropertyId, packet: PacketType) -> DecodeError {
 impl ConnectProperties {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let mut p = Self::default();
-        read_each(r, |id, v| {
+        p.user_properties = read_each(r, |id, v| {
             use PropertyId as I;
             match (id, v) {
                 (I::SessionExpiryInterval, Value::U32(x)) => {
@@ -368,10 +368,6 @@ impl ConnectProperties {
                     set(&mut p.authentication_method, x, id)
                 }
                 (I::AuthenticationData, Value::Bin(x)) => set(&mut p.authentication_data, x, id),
-                (I::UserProperty, Value::Pair(k, v)) => {
-                    p.user_properties.push(UserProperty::new(k, v));
-                    Ok(())
-                }
                 _ => Err(not_allowed(id, PacketType::Connect)),
             }
         })?;
@@ -388,7 +384,7 @@ impl ConnectProperties {
 impl WillProperties {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let mut p = Self::default();
-        read_each(r, |id, v| {
+        p.user_properties = read_each(r, |id, v| {
             use PropertyId as I;
             match (id, v) {
                 (I::WillDelayInterval, Value::U32(x)) => set(&mut p.will_delay_interval, x, id),
@@ -403,10 +399,6 @@ impl WillProperties {
                     set(&mut p.response_topic, response_topic(x)?, id)
                 }
                 (I::CorrelationData, Value::Bin(x)) => set(&mut p.correlation_data, x, id),
-                (I::UserProperty, Value::Pair(k, v)) => {
-                    p.user_properties.push(UserProperty::new(k, v));
-                    Ok(())
-                }
                 _ => Err(not_allowed(id, PacketType::Connect)),
             }
         })?;
@@ -417,7 +409,7 @@ impl WillProperties {
 impl ConnAckProperties {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let mut p = Self::default();
-        read_each(r, |id, v| {
+        p.user_properties = read_each(r, |id, v| {
             use PropertyId as I;
             match (id, v) {
                 (I::SessionExpiryInterval, Value::U32(x)) => {
@@ -445,10 +437,6 @@ impl ConnAckProperties {
                 }
                 (I::TopicAliasMaximum, Value::U16(x)) => set(&mut p.topic_alias_maximum, x, id),
                 (I::ReasonString, Value::Str(x)) => set(&mut p.reason_string, x, id),
-                (I::UserProperty, Value::Pair(k, v)) => {
-                    p.user_properties.push(UserProperty::new(k, v));
-                    Ok(())
-                }
                 (I::WildcardSubscriptionAvailable, Value::Byte(x)) => {
                     set(&mut p.wildcard_subscription_available, flag(x, id)?, id)
                 }
@@ -459,9 +447,7 @@ impl ConnAckProperties {
                     set(&mut p.shared_subscription_available, flag(x, id)?, id)
                 }
                 (I::ServerKeepAlive, Value::U16(x)) => set(&mut p.server_keep_alive, x, id),
-                (I::ResponseInformation, Value::Str(x)) => {
-                    set(&mut p.response_information, x, id)
-                }
+                (I::ResponseInformation, Value::Str(x)) => set(&mut p.response_information, x, id),
                 (I::ServerReference, Value::Str(x)) => set(&mut p.server_reference, x, id),
                 (I::AuthenticationMethod, Value::Str(x)) => {
                     set(&mut p.authentication_method, x, id)
@@ -477,7 +463,7 @@ impl ConnAckProperties {
 impl PublishProperties {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let mut p = Self::default();
-        read_each(r, |id, v| {
+        p.user_properties = read_each(r, |id, v| {
             use PropertyId as I;
             match (id, v) {
                 (I::PayloadFormatIndicator, Value::Byte(x)) => {
@@ -496,10 +482,6 @@ impl PublishProperties {
                     set(&mut p.response_topic, response_topic(x)?, id)
                 }
                 (I::CorrelationData, Value::Bin(x)) => set(&mut p.correlation_data, x, id),
-                (I::UserProperty, Value::Pair(k, v)) => {
-                    p.user_properties.push(UserProperty::new(k, v));
-                    Ok(())
-                }
                 (I::SubscriptionIdentifier, Value::VarInt(x)) => {
                     p.subscription_identifiers.push(nonzero_u32(x, id)?);
                     Ok(())
@@ -515,12 +497,8 @@ impl PublishProperties {
 impl AckProperties {
     pub(crate) fn decode(r: &mut Reader, packet: PacketType) -> Result<Self, DecodeError> {
         let mut p = Self::default();
-        read_each(r, |id, v| match (id, v) {
+        p.user_properties = read_each(r, |id, v| match (id, v) {
             (PropertyId::ReasonString, Value::Str(x)) => set(&mut p.reason_string, x, id),
-            (PropertyId::UserProperty, Value::Pair(k, v)) => {
-                p.user_properties.push(UserProperty::new(k, v));
-                Ok(())
-            }
             _ => Err(not_allowed(id, packet)),
         })?;
         Ok(p)
@@ -530,13 +508,9 @@ impl AckProperties {
 impl SubscribeProperties {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let mut p = Self::default();
-        read_each(r, |id, v| match (id, v) {
+        p.user_properties = read_each(r, |id, v| match (id, v) {
             (PropertyId::SubscriptionIdentifier, Value::VarInt(x)) => {
                 set(&mut p.subscription_identifier, nonzero_u32(x, id)?, id)
-            }
-            (PropertyId::UserProperty, Value::Pair(k, v)) => {
-                p.user_properties.push(UserProperty::new(k, v));
-                Ok(())
             }
             _ => Err(not_allowed(id, PacketType::Subscribe)),
         })?;
@@ -546,32 +520,21 @@ impl SubscribeProperties {
 
 impl UnsubscribeProperties {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
-        let mut p = Self::default();
-        read_each(r, |id, v| match (id, v) {
-            (PropertyId::UserProperty, Value::Pair(k, v)) => {
-                p.user_properties.push(UserProperty::new(k, v));
-                Ok(())
-            }
-            _ => Err(not_allowed(id, PacketType::Unsubscribe)),
-        })?;
-        Ok(p)
+        let user_properties = read_each(r, |id, _| Err(not_allowed(id, PacketType::Unsubscribe)))?;
+        Ok(Self { user_properties })
     }
 }
 
 impl DisconnectProperties {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let mut p = Self::default();
-        read_each(r, |id, v| {
+        p.user_properties = read_each(r, |id, v| {
             use PropertyId as I;
             match (id, v) {
                 (I::SessionExpiryInterval, Value::U32(x)) => {
                     set(&mut p.session_expiry_interval, x, id)
                 }
                 (I::ReasonString, Value::Str(x)) => set(&mut p.reason_string, x, id),
-                (I::UserProperty, Value::Pair(k, v)) => {
-                    p.user_properties.push(UserProperty::new(k, v));
-                    Ok(())
-                }
                 (I::ServerReference, Value::Str(x)) => set(&mut p.server_reference, x, id),
                 _ => Err(not_allowed(id, PacketType::Disconnect)),
             }
@@ -583,7 +546,7 @@ impl DisconnectProperties {
 impl AuthProperties {
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let mut p = Self::default();
-        read_each(r, |id, v| {
+        p.user_properties = read_each(r, |id, v| {
             use PropertyId as I;
             match (id, v) {
                 (I::AuthenticationMethod, Value::Str(x)) => {
@@ -591,10 +554,6 @@ impl AuthProperties {
                 }
                 (I::AuthenticationData, Value::Bin(x)) => set(&mut p.authentication_data, x, id),
                 (I::ReasonString, Value::Str(x)) => set(&mut p.reason_string, x, id),
-                (I::UserProperty, Value::Pair(k, v)) => {
-                    p.user_properties.push(UserProperty::new(k, v));
-                    Ok(())
-                }
                 _ => Err(not_allowed(id, PacketType::Auth)),
             }
         })?;
@@ -624,8 +583,8 @@ fn l_str<T: AsRef<[u8]>>(o: &Option<T>) -> usize {
     o.as_ref().map_or(0, |s| 3 + s.as_ref().len())
 }
 #[inline]
-fn l_users(u: &[UserProperty]) -> usize {
-    u.iter().map(|p| 5 + p.name.len() + p.value.len()).sum()
+fn l_users(u: &UserProperties) -> usize {
+    u.encoded_len()
 }
 
 #[inline]
@@ -661,12 +620,8 @@ fn w_bin<T: AsRef<[u8]>>(buf: &mut BytesMut, id: PropertyId, v: &Option<T>) {
     }
 }
 #[inline]
-fn w_users(buf: &mut BytesMut, u: &[UserProperty]) {
-    for p in u {
-        buf.put_u8(PropertyId::UserProperty as u8);
-        write_binary(buf, p.name.as_bytes());
-        write_binary(buf, p.value.as_bytes());
-    }
+fn w_users(buf: &mut BytesMut, u: &UserProperties) {
+    u.write(buf);
 }
 fn format_byte(f: Option<PayloadFormat>) -> Option<u8> {
     f.map(|f| match f {
@@ -709,8 +664,16 @@ impl ConnectProperties {
         w_u16(buf, I::ReceiveMaximum, self.receive_maximum);
         w_u32(buf, I::MaximumPacketSize, self.maximum_packet_size);
         w_u16(buf, I::TopicAliasMaximum, self.topic_alias_maximum);
-        w_bool(buf, I::RequestResponseInformation, self.request_response_information);
-        w_bool(buf, I::RequestProblemInformation, self.request_problem_information);
+        w_bool(
+            buf,
+            I::RequestResponseInformation,
+            self.request_response_information,
+        );
+        w_bool(
+            buf,
+            I::RequestProblemInformation,
+            self.request_problem_information,
+        );
         w_bin(buf, I::AuthenticationMethod, &self.authentication_method);
         w_bin(buf, I::AuthenticationData, &self.authentication_data);
         w_users(buf, &self.user_properties);
@@ -734,10 +697,18 @@ impl WillProperties {
         use PropertyId as I;
         write_varint(buf, len);
         w_u32(buf, I::WillDelayInterval, self.will_delay_interval);
-        w_byte(buf, I::PayloadFormatIndicator, format_byte(self.payload_format_indicator));
+        w_byte(
+            buf,
+            I::PayloadFormatIndicator,
+            format_byte(self.payload_format_indicator),
+        );
         w_u32(buf, I::MessageExpiryInterval, self.message_expiry_interval);
         w_bin(buf, I::ContentType, &self.content_type);
-        w_bin(buf, I::ResponseTopic, &self.response_topic.as_ref().map(|t| t.as_bytes()));
+        w_bin(
+            buf,
+            I::ResponseTopic,
+            &self.response_topic.as_ref().map(|t| t.as_bytes()),
+        );
         w_bin(buf, I::CorrelationData, &self.correlation_data);
         w_users(buf, &self.user_properties);
     }
@@ -774,13 +745,29 @@ impl ConnAckProperties {
         w_byte(buf, I::MaximumQoS, self.maximum_qos.map(QoS::as_u8));
         w_bool(buf, I::RetainAvailable, self.retain_available);
         w_u32(buf, I::MaximumPacketSize, self.maximum_packet_size);
-        w_bin(buf, I::AssignedClientIdentifier, &self.assigned_client_identifier);
+        w_bin(
+            buf,
+            I::AssignedClientIdentifier,
+            &self.assigned_client_identifier,
+        );
         w_u16(buf, I::TopicAliasMaximum, self.topic_alias_maximum);
         w_bin(buf, I::ReasonString, &self.reason_string);
         w_users(buf, &self.user_properties);
-        w_bool(buf, I::WildcardSubscriptionAvailable, self.wildcard_subscription_available);
-        w_bool(buf, I::SubscriptionIdentifierAvailable, self.subscription_identifiers_available);
-        w_bool(buf, I::SharedSubscriptionAvailable, self.shared_subscription_available);
+        w_bool(
+            buf,
+            I::WildcardSubscriptionAvailable,
+            self.wildcard_subscription_available,
+        );
+        w_bool(
+            buf,
+            I::SubscriptionIdentifierAvailable,
+            self.subscription_identifiers_available,
+        );
+        w_bool(
+            buf,
+            I::SharedSubscriptionAvailable,
+            self.shared_subscription_available,
+        );
         w_u16(buf, I::ServerKeepAlive, self.server_keep_alive);
         w_bin(buf, I::ResponseInformation, &self.response_information);
         w_bin(buf, I::ServerReference, &self.server_reference);
@@ -821,10 +808,18 @@ impl PublishProperties {
         if len == 0 {
             return;
         }
-        w_byte(buf, I::PayloadFormatIndicator, format_byte(self.payload_format_indicator));
+        w_byte(
+            buf,
+            I::PayloadFormatIndicator,
+            format_byte(self.payload_format_indicator),
+        );
         w_u32(buf, I::MessageExpiryInterval, self.message_expiry_interval);
         w_u16(buf, I::TopicAlias, self.topic_alias);
-        w_bin(buf, I::ResponseTopic, &self.response_topic.as_ref().map(|t| t.as_bytes()));
+        w_bin(
+            buf,
+            I::ResponseTopic,
+            &self.response_topic.as_ref().map(|t| t.as_bytes()),
+        );
         w_bin(buf, I::CorrelationData, &self.correlation_data);
         w_users(buf, &self.user_properties);
         for &id in &self.subscription_identifiers {

@@ -302,11 +302,17 @@ mod tests {
 
     #[test]
     fn topic_filters() {
-        for ok in ["#", "+", "a/#", "a/+/b", "+/+", "/", "a//b", "+/#", "$SYS/#"] {
+        for ok in [
+            "#", "+", "a/#", "a/+/b", "+/+", "/", "a//b", "+/#", "$SYS/#",
+        ] {
             assert!(TopicFilter::new(ok).is_ok(), "{ok}");
         }
         for bad in ["a/#/b", "a+", "a/b#", "#/a", "a/+b", "++", "##"] {
-            assert_eq!(TopicFilter::new(bad), Err(TopicError::InvalidWildcard), "{bad}");
+            assert_eq!(
+                TopicFilter::new(bad),
+                Err(TopicError::InvalidWildcard),
+                "{bad}"
+            );
         }
         assert_eq!(TopicFilter::new(""), Err(TopicError::Empty));
     }
@@ -321,14 +327,24 @@ mod tests {
         let plain = TopicFilter::new("a/b").unwrap();
         assert_eq!(plain.share_name(), None);
         assert_eq!(plain.filter(), "a/b");
-        for bad in ["$share/", "$share/g", "$share//a", "$share/g/", "$share/g+/a", "$share/#/a"] {
+        for bad in [
+            "$share/",
+            "$share/g",
+            "$share//a",
+            "$share/g/",
+            "$share/g+/a",
+            "$share/#/a",
+        ] {
             assert_eq!(
                 TopicFilter::new(bad),
                 Err(TopicError::InvalidSharedSubscription),
                 "{bad}"
             );
         }
-        assert_eq!(TopicFilter::new("$share/g/a/#/b"), Err(TopicError::InvalidWildcard));
+        assert_eq!(
+            TopicFilter::new("$share/g/a/#/b"),
+            Err(TopicError::InvalidWildcard)
+        );
         // `$shared` is not the prefix: an ordinary filter.
         assert!(!TopicFilter::new("$shared/g/a").unwrap().is_shared());
     }

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
-use crate::string::MqttString;
+use crate::string::{MqttString, check_str};
 
 /// The largest value a Variable Byte Integer can hold (§1.5.5): 268,435,455.
 pub const VARINT_MAX: u32 = 268_435_455;
@@ -95,6 +95,38 @@ impl Reader {
     #[inline]
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
+    }
+
+    /// How many `(length-prefixed string, `extra` bytes)` entries the rest holds, counting a
+    /// truncated last one; used to size a `Vec` exactly before parsing (bounded by the packet).
+    pub(crate) fn count_entries(&self, extra: usize) -> usize {
+        let rest = &self.buf[self.pos..];
+        let (mut at, mut n) = (0, 0);
+        while at < rest.len() {
+            n += 1;
+            let len = match rest.get(at..at + 2) {
+                Some(b) => usize::from(u16::from_be_bytes([b[0], b[1]])),
+                None => break,
+            };
+            at += 2 + len + extra;
+        }
+        n
+    }
+
+    /// Offset of the next byte to read.
+    #[inline]
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Validates a UTF-8 Encoded String and steps over it without slicing it out.
+    #[inline]
+    pub(crate) fn skip_string(&mut self) -> Result<(), DecodeError> {
+        let len = usize::from(self.u16()?);
+        self.need(len)?;
+        check_str(&self.buf[self.pos..self.pos + len])?;
+        self.pos += len;
+        Ok(())
     }
 
     /// Fails with [`DecodeError::TrailingBytes`] unless everything has been read.

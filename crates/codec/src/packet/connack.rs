@@ -45,7 +45,8 @@ impl ConnAck {
                 })?;
             (rc, ConnAckProperties::decode(&mut r)?)
         } else {
-            let rc = ReasonCode::from_v3_connack(code).ok_or(DecodeError::InvalidReturnCode(code))?;
+            let rc =
+                ReasonCode::from_v3_connack(code).ok_or(DecodeError::InvalidReturnCode(code))?;
             (rc, ConnAckProperties::default())
         };
         r.finish()?;

@@ -224,7 +224,11 @@ impl Packet {
             Self::Auth(a) => a.write_body(buf),
         }
         #[cfg(debug_assertions)]
-        debug_assert_eq!(buf.len() - start, body, "encoded length mismatch for {ptype}");
+        debug_assert_eq!(
+            buf.len() - start,
+            body,
+            "encoded length mismatch for {ptype}"
+        );
         Ok(())
     }
 
@@ -272,7 +276,19 @@ macro_rules! from_packet {
         }
     )*};
 }
-from_packet!(Publish, PubAck, PubRec, PubRel, PubComp, Subscribe, SubAck, Unsubscribe, UnsubAck, Disconnect, Auth);
+from_packet!(
+    Publish,
+    PubAck,
+    PubRec,
+    PubRel,
+    PubComp,
+    Subscribe,
+    SubAck,
+    Unsubscribe,
+    UnsubAck,
+    Disconnect,
+    Auth
+);
 
 impl From<Connect> for Packet {
     fn from(p: Connect) -> Self {

@@ -127,7 +127,12 @@ impl Publish {
     }
 
     #[inline]
-    pub(crate) fn write_body(&self, version: ProtocolVersion, props_len: usize, buf: &mut BytesMut) {
+    pub(crate) fn write_body(
+        &self,
+        version: ProtocolVersion,
+        props_len: usize,
+        buf: &mut BytesMut,
+    ) {
         write_binary(buf, self.topic.as_bytes());
         if let Some(id) = self.packet_id {
             buf.put_u16(id.get());

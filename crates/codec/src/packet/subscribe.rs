@@ -104,7 +104,7 @@ impl Subscribe {
         } else {
             SubscribeProperties::default()
         };
-        let mut filters = Vec::new();
+        let mut filters = Vec::with_capacity(r.count_entries(1));
         while r.remaining() > 0 {
             let filter =
                 TopicFilter::from_string(r.string()?).map_err(DecodeError::InvalidTopicFilter)?;
@@ -137,7 +137,11 @@ impl Subscribe {
     }
 
     pub(crate) fn body_len(&self, version: ProtocolVersion) -> usize {
-        let mut len = 2 + self.filters.iter().map(|f| 3 + f.filter.len()).sum::<usize>();
+        let mut len = 2 + self
+            .filters
+            .iter()
+            .map(|f| 3 + f.filter.len())
+            .sum::<usize>();
         if version.is_v5() {
             len += section_len(self.properties.len());
         }

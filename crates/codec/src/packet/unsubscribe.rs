@@ -28,7 +28,7 @@ impl Unsubscribe {
         } else {
             UnsubscribeProperties::default()
         };
-        let mut filters = Vec::new();
+        let mut filters = Vec::with_capacity(r.count_entries(0));
         while r.remaining() > 0 {
             filters.push(
                 TopicFilter::from_string(r.string()?).map_err(DecodeError::InvalidTopicFilter)?,

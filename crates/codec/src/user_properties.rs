@@ -1,0 +1,252 @@
+//! [`UserProperties`]: the User Properties of one packet, kept in their wire form.
+//!
+//! Invariant: `raw` is a sequence of complete, validated User Property entries exactly as MQTT 5
+//! encodes them (identifier 0x26, then name and value as length-prefixed UTF-8 strings), and
+//! `count` is how many. Decoding slices them out of the receive buffer when they are contiguous
+//! (always so for packets this codec encoded) and copies them once otherwise, so decoding never
+//! allocates per property; encoding is one copy of `raw`.
+
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::DecodeError;
+use crate::properties::PropertyId;
+use crate::string::{MqttString, check_str};
+
+/// A User Property: a name/value pair of UTF-8 strings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UserProperty {
+    /// The name.
+    pub name: MqttString,
+    /// The value.
+    pub value: MqttString,
+}
+
+impl UserProperty {
+    /// A pair from two validated strings.
+    pub fn new(name: MqttString, value: MqttString) -> Self {
+        Self { name, value }
+    }
+}
+
+/// The User Properties of a packet, in order; names may repeat.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct UserProperties {
+    raw: Bytes,
+    count: usize,
+}
+
+impl UserProperties {
+    /// No properties.
+    pub const fn new() -> Self {
+        Self {
+            raw: Bytes::new(),
+            count: 0,
+        }
+    }
+
+    /// How many properties.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there are none.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The pairs, in order, borrowed.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            raw: &self.raw,
+            pos: 0,
+        }
+    }
+
+    /// The pairs as owned [`UserProperty`] values sharing this packet's memory.
+    pub fn to_vec(&self) -> Vec<UserProperty> {
+        let mut out = Vec::with_capacity(self.count);
+        let mut pos = 0;
+        while pos < self.raw.len() {
+            let (n0, n1, v0, v1) = entry(&self.raw, pos);
+            out.push(UserProperty::new(
+                MqttString::from_checked(self.raw.slice(n0..n1)),
+                MqttString::from_checked(self.raw.slice(v0..v1)),
+            ));
+            pos = v1;
+        }
+        out
+    }
+
+    /// The value of the first property with this name.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// Appends a pair, validating both strings (copies the existing properties once).
+    pub fn push(&mut self, name: &str, value: &str) -> Result<(), DecodeError> {
+        check_str(name.as_bytes())?;
+        check_str(value.as_bytes())?;
+        self.push_unchecked(name.as_bytes(), value.as_bytes());
+        Ok(())
+    }
+
+    /// Appends a pair of already validated strings.
+    pub fn push_property(&mut self, p: &UserProperty) {
+        self.push_unchecked(p.name.as_bytes(), p.value.as_bytes());
+    }
+
+    fn push_unchecked(&mut self, name: &[u8], value: &[u8]) {
+        let mut buf = BytesMut::with_capacity(self.raw.len() + 5 + name.len() + value.len());
+        buf.put_slice(&self.raw);
+        put_entry(&mut buf, name, value);
+        self.raw = buf.freeze();
+        self.count += 1;
+    }
+
+    /// Bytes on the wire.
+    #[inline]
+    pub(crate) fn encoded_len(&self) -> usize {
+        self.raw.len()
+    }
+
+    #[inline]
+    pub(crate) fn write(&self, buf: &mut BytesMut) {
+        buf.put_slice(&self.raw);
+    }
+}
+
+fn put_entry(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+    buf.put_u8(PropertyId::UserProperty as u8);
+    buf.put_u16(name.len() as u16);
+    buf.put_slice(name);
+    buf.put_u16(value.len() as u16);
+    buf.put_slice(value);
+}
+
+/// Offsets of the name and value of the entry at `pos` (valid by the invariant).
+#[inline]
+fn entry(raw: &[u8], pos: usize) -> (usize, usize, usize, usize) {
+    let n0 = pos + 3;
+    let n1 = n0 + usize::from(u16::from_be_bytes([raw[pos + 1], raw[pos + 2]]));
+    let v0 = n1 + 2;
+    let v1 = v0 + usize::from(u16::from_be_bytes([raw[n1], raw[n1 + 1]]));
+    (n0, n1, v0, v1)
+}
+
+/// Iterator over `(name, value)` pairs.
+#[derive(Debug, Clone)]
+pub struct Iter<'a> {
+    raw: &'a Bytes,
+    pos: usize,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.raw.len() {
+            return None;
+        }
+        let (n0, n1, v0, v1) = entry(self.raw, self.pos);
+        self.pos = v1;
+        // SAFETY: by the type's invariant both ranges hold validated UTF-8.
+        let (n, v) = unsafe {
+            (
+                std::str::from_utf8_unchecked(&self.raw[n0..n1]),
+                std::str::from_utf8_unchecked(&self.raw[v0..v1]),
+            )
+        };
+        Some((n, v))
+    }
+}
+
+impl<'a> IntoIterator for &'a UserProperties {
+    type Item = (&'a str, &'a str);
+    type IntoIter = Iter<'a>;
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+impl FromIterator<UserProperty> for UserProperties {
+    fn from_iter<I: IntoIterator<Item = UserProperty>>(iter: I) -> Self {
+        let mut buf = BytesMut::new();
+        let mut count = 0;
+        for p in iter {
+            put_entry(&mut buf, p.name.as_bytes(), p.value.as_bytes());
+            count += 1;
+        }
+        Self {
+            raw: buf.freeze(),
+            count,
+        }
+    }
+}
+
+impl From<Vec<UserProperty>> for UserProperties {
+    fn from(v: Vec<UserProperty>) -> Self {
+        v.into_iter().collect()
+    }
+}
+
+impl fmt::Debug for UserProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// Collects the User Property entries of one property block while it is being read.
+pub(crate) struct Collector {
+    /// Contiguous range of entries in the block so far.
+    range: Option<(usize, usize)>,
+    /// Entries copied once they stopped being contiguous.
+    spill: Option<BytesMut>,
+    count: usize,
+}
+
+impl Collector {
+    pub(crate) fn new() -> Self {
+        Self {
+            range: None,
+            spill: None,
+            count: 0,
+        }
+    }
+
+    /// Records the validated entry at `start..end` of `block`.
+    #[inline]
+    pub(crate) fn add(&mut self, block: &Bytes, start: usize, end: usize) {
+        self.count += 1;
+        if let Some(spill) = &mut self.spill {
+            spill.put_slice(&block[start..end]);
+            return;
+        }
+        match &mut self.range {
+            None => self.range = Some((start, end)),
+            Some((_, e)) if *e == start => *e = end,
+            Some((s, e)) => {
+                // Interleaved with other properties: copy (bounded by the block's size).
+                let mut spill = BytesMut::with_capacity(block.len());
+                spill.put_slice(&block[*s..*e]);
+                spill.put_slice(&block[start..end]);
+                self.spill = Some(spill);
+            }
+        }
+    }
+
+    pub(crate) fn finish(self, block: &Bytes) -> UserProperties {
+        let raw = match (self.spill, self.range) {
+            (Some(spill), _) => spill.freeze(),
+            (None, Some((s, e))) => block.slice(s..e),
+            (None, None) => Bytes::new(),
+        };
+        UserProperties {
+            raw,
+            count: self.count,
+        }
+    }
+}

@@ -1208,3 +1208,7 @@ fn build_publish(
         payload: m.payload.clone(),
     }
 }
+
+#[cfg(test)]
+#[path = "broker_tests.rs"]
+mod tests;

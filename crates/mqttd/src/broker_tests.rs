@@ -861,7 +861,8 @@ fn properties_are_forwarded() {
     p.properties.response_topic = Some(Topic::new("reply/here").expect("t"));
     p.properties.correlation_data = Some(Bytes::from_static(b"corr"));
     p.properties.payload_format_indicator = Some(mqttd_codec::PayloadFormat::Utf8);
-    p.properties.user_properties = vec![mqttd_codec::UserProperty::new(mstr("k"), mstr("v"))];
+    p.properties.user_properties =
+        vec![mqttd_codec::UserProperty::new(mstr("k"), mstr("v"))].into();
     let sent = p.properties.clone();
     h.send(2, Packet::Publish(p));
     let t = h.out(1);

@@ -1,0 +1,836 @@
+//! ngtcp2's crypto backend, in Rust: every function `crypto/shared.c` expects from a TLS backend,
+//! exported with `#[no_mangle] extern "C"` and implemented on OpenSSL 3.5's EVP layer.
+//!
+//! Handles given to ngtcp2 as `native_handle`:
+//! - `ngtcp2_crypto_aead` → `&'static Aead` (the cipher plus its tag length);
+//! - `ngtcp2_crypto_cipher` (header protection) → `&'static Hp`;
+//! - `ngtcp2_crypto_md` → `*const EVP_MD` (static digests);
+//! - `ngtcp2_crypto_aead_ctx` → `*mut EVP_CIPHER_CTX` keyed once, reused for every packet;
+//! - `ngtcp2_crypto_cipher_ctx` → `Box<HpCtx>`;
+//! - the TLS native handle of a connection → `*mut TlsSession`.
+//!
+//! No function here unwinds into C: bodies run under [`guard`], which turns a panic into the
+//! function's failure value.
+
+use std::ffi::{c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr;
+use std::sync::OnceLock;
+
+use foreign_types::ForeignTypeRef;
+use mqttd_ngtcp2_sys::*;
+use openssl::md::{Md, MdRef};
+use openssl::pkey::Id;
+use openssl::pkey_ctx::{HkdfMode, PkeyCtx};
+use openssl_sys as ffi;
+
+use crate::ossl;
+use crate::session::TlsSession;
+
+/// An AEAD algorithm as ngtcp2 sees it.
+pub(crate) struct Aead {
+    pub(crate) cipher: *const ffi::EVP_CIPHER,
+    pub(crate) tag_len: usize,
+}
+
+/// A header-protection cipher.
+pub(crate) struct Hp {
+    pub(crate) cipher: *const ffi::EVP_CIPHER,
+    pub(crate) chacha: bool,
+}
+
+/// A keyed header-protection context.
+pub(crate) struct HpCtx {
+    ctx: *mut ffi::EVP_CIPHER_CTX,
+    chacha: bool,
+}
+
+/// The algorithms mqttd uses, fetched from OpenSSL's default provider once per process.
+pub(crate) struct Algorithms {
+    pub(crate) aes_128_gcm: Aead,
+    pub(crate) aes_256_gcm: Aead,
+    pub(crate) chacha20_poly1305: Aead,
+    pub(crate) aes_128_ecb: Hp,
+    pub(crate) aes_256_ecb: Hp,
+    pub(crate) chacha20: Hp,
+    pub(crate) sha256: &'static MdRef,
+    pub(crate) sha384: &'static MdRef,
+}
+
+// SAFETY: the pointers refer to immutable, reference-counted OpenSSL algorithm objects that live
+// for the whole process (fetched once, never freed) and that OpenSSL allows sharing across threads.
+unsafe impl Send for Algorithms {}
+// SAFETY: as above; nothing here is ever mutated after initialisation.
+unsafe impl Sync for Algorithms {}
+
+fn fetch(
+    name: &std::ffi::CStr,
+    legacy: unsafe extern "C" fn() -> *const ffi::EVP_CIPHER,
+) -> *const ffi::EVP_CIPHER {
+    // SAFETY: EVP_CIPHER_fetch takes a NUL-terminated name; null library context and properties
+    // mean the defaults. A fetched cipher avoids an implicit fetch on every context init.
+    let fetched = unsafe { ffi::EVP_CIPHER_fetch(ptr::null_mut(), name.as_ptr(), ptr::null()) };
+    if fetched.is_null() {
+        // SAFETY: the legacy getters return static cipher objects.
+        unsafe { legacy() }
+    } else {
+        fetched
+    }
+}
+
+/// The process-wide algorithm table.
+pub(crate) fn algorithms() -> &'static Algorithms {
+    static ALGORITHMS: OnceLock<Algorithms> = OnceLock::new();
+    ALGORITHMS.get_or_init(|| {
+        openssl::init();
+        Algorithms {
+            aes_128_gcm: Aead {
+                cipher: fetch(c"AES-128-GCM", ffi::EVP_aes_128_gcm),
+                tag_len: 16,
+            },
+            aes_256_gcm: Aead {
+                cipher: fetch(c"AES-256-GCM", ffi::EVP_aes_256_gcm),
+                tag_len: 16,
+            },
+            chacha20_poly1305: Aead {
+                cipher: fetch(c"ChaCha20-Poly1305", ffi::EVP_chacha20_poly1305),
+                tag_len: 16,
+            },
+            aes_128_ecb: Hp {
+                cipher: fetch(c"AES-128-ECB", ffi::EVP_aes_128_ecb),
+                chacha: false,
+            },
+            aes_256_ecb: Hp {
+                cipher: fetch(c"AES-256-ECB", ffi::EVP_aes_256_ecb),
+                chacha: false,
+            },
+            chacha20: Hp {
+                cipher: fetch(c"ChaCha20", ffi::EVP_chacha20),
+                chacha: true,
+            },
+            sha256: Md::sha256(),
+            sha384: Md::sha384(),
+        }
+    })
+}
+
+/// TLS 1.3 cipher suites mqttd offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CipherSuite {
+    /// TLS_AES_128_GCM_SHA256 (0x1301), the mandatory one.
+    Aes128GcmSha256,
+    /// TLS_AES_256_GCM_SHA384 (0x1302).
+    Aes256GcmSha384,
+    /// TLS_CHACHA20_POLY1305_SHA256 (0x1303).
+    Chacha20Poly1305Sha256,
+}
+
+impl CipherSuite {
+    /// Every suite, in mqttd's default preference order.
+    pub const ALL: [CipherSuite; 3] = [
+        CipherSuite::Aes128GcmSha256,
+        CipherSuite::Aes256GcmSha384,
+        CipherSuite::Chacha20Poly1305Sha256,
+    ];
+
+    /// The OpenSSL / IANA name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherSuite::Aes128GcmSha256 => "TLS_AES_128_GCM_SHA256",
+            CipherSuite::Aes256GcmSha384 => "TLS_AES_256_GCM_SHA384",
+            CipherSuite::Chacha20Poly1305Sha256 => "TLS_CHACHA20_POLY1305_SHA256",
+        }
+    }
+
+    /// The suite with this two-byte TLS identifier.
+    pub fn from_protocol_id(id: [u8; 2]) -> Option<Self> {
+        match id {
+            [0x13, 0x01] => Some(CipherSuite::Aes128GcmSha256),
+            [0x13, 0x02] => Some(CipherSuite::Aes256GcmSha384),
+            [0x13, 0x03] => Some(CipherSuite::Chacha20Poly1305Sha256),
+            _ => None,
+        }
+    }
+
+    /// Fills an ngtcp2 crypto context for this suite.
+    pub(crate) fn fill(self, ctx: &mut ngtcp2_crypto_ctx) {
+        let algs = algorithms();
+        let (aead, md, hp, max_enc, max_fail) = match self {
+            CipherSuite::Aes128GcmSha256 => (
+                &algs.aes_128_gcm,
+                algs.sha256,
+                &algs.aes_128_ecb,
+                1u64 << 23,
+                1u64 << 52,
+            ),
+            CipherSuite::Aes256GcmSha384 => (
+                &algs.aes_256_gcm,
+                algs.sha384,
+                &algs.aes_256_ecb,
+                1 << 23,
+                1 << 52,
+            ),
+            CipherSuite::Chacha20Poly1305Sha256 => (
+                &algs.chacha20_poly1305,
+                algs.sha256,
+                &algs.chacha20,
+                1 << 62,
+                1 << 36,
+            ),
+        };
+        set_aead(&mut ctx.aead, aead);
+        ctx.md.native_handle = md.as_ptr() as *mut c_void;
+        ctx.hp.native_handle = hp as *const Hp as *mut c_void;
+        ctx.max_encryption = max_enc;
+        ctx.max_decryption_failure = max_fail;
+    }
+}
+
+fn set_aead(aead: &mut ngtcp2_crypto_aead, alg: &'static Aead) {
+    aead.native_handle = alg as *const Aead as *mut c_void;
+    aead.max_overhead = alg.tag_len;
+}
+
+/// Runs `body`, turning a panic into `fail` (nothing unwinds into C).
+pub(crate) fn guard<T>(fail: T, body: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(panic) => {
+            tracing::error!(panic = %crate::session::panic_text(&*panic), "panic in the QUIC crypto backend");
+            fail
+        }
+    }
+}
+
+/// # Safety
+/// `aead` must hold a handle set by this module.
+unsafe fn aead_of(aead: *const ngtcp2_crypto_aead) -> &'static Aead {
+    // SAFETY: per the contract, native_handle points at one of the static `Aead`s.
+    unsafe { &*((*aead).native_handle as *const Aead) }
+}
+
+/// # Safety
+/// `md` must hold a handle set by this module.
+unsafe fn md_of(md: *const ngtcp2_crypto_md) -> &'static MdRef {
+    // SAFETY: per the contract, native_handle is a static EVP_MD.
+    unsafe { MdRef::from_ptr((*md).native_handle as *mut ffi::EVP_MD) }
+}
+
+/// # Safety
+/// `(ptr, len)` must describe readable memory, or `len` must be 0.
+unsafe fn slice<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 || ptr.is_null() {
+        &[]
+    } else {
+        // SAFETY: per the contract.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_ctx_initial(ctx: *mut ngtcp2_crypto_ctx) -> *mut ngtcp2_crypto_ctx {
+    guard(ptr::null_mut(), || {
+        // SAFETY: ngtcp2 passes a writable context.
+        let c = unsafe { &mut *ctx };
+        CipherSuite::Aes128GcmSha256.fill(c);
+        c.max_encryption = 0;
+        c.max_decryption_failure = 0;
+        ctx
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_aead_aes_128_gcm(
+    aead: *mut ngtcp2_crypto_aead,
+) -> *mut ngtcp2_crypto_aead {
+    guard(ptr::null_mut(), || {
+        // SAFETY: ngtcp2 passes a writable aead.
+        set_aead(unsafe { &mut *aead }, &algorithms().aes_128_gcm);
+        aead
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_aead_retry(aead: *mut ngtcp2_crypto_aead) -> *mut ngtcp2_crypto_aead {
+    ngtcp2_crypto_aead_aes_128_gcm(aead)
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_md_sha256(md: *mut ngtcp2_crypto_md) -> *mut ngtcp2_crypto_md {
+    guard(ptr::null_mut(), || {
+        // SAFETY: ngtcp2 passes a writable md.
+        unsafe { (*md).native_handle = algorithms().sha256.as_ptr() as *mut c_void };
+        md
+    })
+}
+
+/// `ngtcp2_crypto_aead_init`: `aead_native_handle` must be a handle this crate produced.
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_aead_init(
+    aead: *mut ngtcp2_crypto_aead,
+    aead_native_handle: *mut c_void,
+) -> *mut ngtcp2_crypto_aead {
+    guard(ptr::null_mut(), || {
+        // SAFETY: the handle is one of our static `Aead`s (the only kind this backend hands out).
+        let alg = unsafe { &*(aead_native_handle as *const Aead) };
+        // SAFETY: writable aead from the caller.
+        let a = unsafe { &mut *aead };
+        a.native_handle = aead_native_handle;
+        a.max_overhead = alg.tag_len;
+        aead
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_ctx_tls(
+    ctx: *mut ngtcp2_crypto_ctx,
+    tls: *mut c_void,
+) -> *mut ngtcp2_crypto_ctx {
+    guard(ptr::null_mut(), || {
+        // SAFETY: the TLS native handle of a connection is always a live TlsSession.
+        let session = unsafe { &*(tls as *const TlsSession) };
+        match session.negotiated_suite(false) {
+            Some(suite) => {
+                // SAFETY: writable ctx from the caller.
+                suite.fill(unsafe { &mut *ctx });
+                ctx
+            }
+            None => ptr::null_mut(),
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_ctx_tls_early(
+    ctx: *mut ngtcp2_crypto_ctx,
+    tls: *mut c_void,
+) -> *mut ngtcp2_crypto_ctx {
+    guard(ptr::null_mut(), || {
+        // SAFETY: as in ngtcp2_crypto_ctx_tls.
+        let session = unsafe { &*(tls as *const TlsSession) };
+        match session.negotiated_suite(true) {
+            Some(suite) => {
+                // SAFETY: writable ctx from the caller.
+                suite.fill(unsafe { &mut *ctx });
+                ctx
+            }
+            None => ptr::null_mut(),
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_md_hashlen(md: *const ngtcp2_crypto_md) -> usize {
+    // SAFETY: md holds one of our digests.
+    guard(0, || unsafe { md_of(md) }.size())
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_aead_keylen(aead: *const ngtcp2_crypto_aead) -> usize {
+    // SAFETY: aead holds one of our handles; the getter only reads the static cipher.
+    guard(
+        0,
+        || unsafe { ossl::EVP_CIPHER_get_key_length(aead_of(aead).cipher) } as usize,
+    )
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_aead_noncelen(aead: *const ngtcp2_crypto_aead) -> usize {
+    // SAFETY: as above.
+    guard(
+        0,
+        || unsafe { ossl::EVP_CIPHER_get_iv_length(aead_of(aead).cipher) } as usize,
+    )
+}
+
+/// Creates an AEAD context keyed with `key` for encryption (`enc` = 1) or decryption (0).
+///
+/// # Safety
+/// `aead` holds our handle, `key` has the cipher's key length.
+unsafe fn aead_ctx_new(
+    aead: *const ngtcp2_crypto_aead,
+    key: *const u8,
+    noncelen: usize,
+    enc: c_int,
+) -> *mut ffi::EVP_CIPHER_CTX {
+    // SAFETY: plain allocation.
+    let ctx = unsafe { ffi::EVP_CIPHER_CTX_new() };
+    if ctx.is_null() {
+        return ptr::null_mut();
+    }
+    // SAFETY: ctx is fresh; the cipher is static; key has the right length (caller contract); the
+    // IV length control is valid for every AEAD we use.
+    let ok = unsafe {
+        ffi::EVP_CipherInit_ex(
+            ctx,
+            aead_of(aead).cipher,
+            ptr::null_mut(),
+            ptr::null(),
+            ptr::null(),
+            enc,
+        ) == 1
+            && ffi::EVP_CIPHER_CTX_ctrl(
+                ctx,
+                ossl::EVP_CTRL_AEAD_SET_IVLEN,
+                noncelen as c_int,
+                ptr::null_mut(),
+            ) == 1
+            && ffi::EVP_CipherInit_ex(ctx, ptr::null(), ptr::null_mut(), key, ptr::null(), enc) == 1
+    };
+    if !ok {
+        // SAFETY: ctx was allocated above and is not used afterwards.
+        unsafe { ffi::EVP_CIPHER_CTX_free(ctx) };
+        return ptr::null_mut();
+    }
+    ctx
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_aead_ctx_encrypt_init(
+    aead_ctx: *mut ngtcp2_crypto_aead_ctx,
+    aead: *const ngtcp2_crypto_aead,
+    key: *const u8,
+    noncelen: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: ngtcp2's contract for this callback matches aead_ctx_new's.
+        let ctx = unsafe { aead_ctx_new(aead, key, noncelen, 1) };
+        if ctx.is_null() {
+            return -1;
+        }
+        // SAFETY: writable aead_ctx from the caller.
+        unsafe { (*aead_ctx).native_handle = ctx.cast() };
+        0
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_aead_ctx_decrypt_init(
+    aead_ctx: *mut ngtcp2_crypto_aead_ctx,
+    aead: *const ngtcp2_crypto_aead,
+    key: *const u8,
+    noncelen: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: as for encrypt_init.
+        let ctx = unsafe { aead_ctx_new(aead, key, noncelen, 0) };
+        if ctx.is_null() {
+            return -1;
+        }
+        // SAFETY: writable aead_ctx from the caller.
+        unsafe { (*aead_ctx).native_handle = ctx.cast() };
+        0
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_aead_ctx_free(aead_ctx: *mut ngtcp2_crypto_aead_ctx) {
+    guard((), || {
+        // SAFETY: the handle is null or a context made by aead_ctx_new; ngtcp2 frees it once.
+        unsafe {
+            let ctx = (*aead_ctx).native_handle as *mut ffi::EVP_CIPHER_CTX;
+            if !ctx.is_null() {
+                ffi::EVP_CIPHER_CTX_free(ctx);
+                (*aead_ctx).native_handle = ptr::null_mut();
+            }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_cipher_ctx_encrypt_init(
+    cipher_ctx: *mut ngtcp2_crypto_cipher_ctx,
+    cipher: *const ngtcp2_crypto_cipher,
+    key: *const u8,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: cipher holds one of our static `Hp`s.
+        let hp = unsafe { &*((*cipher).native_handle as *const Hp) };
+        // SAFETY: plain allocation.
+        let ctx = unsafe { ffi::EVP_CIPHER_CTX_new() };
+        if ctx.is_null() {
+            return -1;
+        }
+        // SAFETY: fresh ctx, static cipher, key of the cipher's length (ngtcp2's contract).
+        let ok = unsafe {
+            ffi::EVP_EncryptInit_ex(ctx, hp.cipher, ptr::null_mut(), key, ptr::null()) == 1
+                && ffi::EVP_CIPHER_CTX_set_padding(ctx, 0) == 1
+        };
+        if !ok {
+            // SAFETY: allocated above, unused afterwards.
+            unsafe { ffi::EVP_CIPHER_CTX_free(ctx) };
+            return -1;
+        }
+        let boxed = Box::new(HpCtx {
+            ctx,
+            chacha: hp.chacha,
+        });
+        // SAFETY: writable cipher_ctx from the caller.
+        unsafe { (*cipher_ctx).native_handle = Box::into_raw(boxed).cast() };
+        0
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_cipher_ctx_free(cipher_ctx: *mut ngtcp2_crypto_cipher_ctx) {
+    guard((), || {
+        // SAFETY: the handle is null or a Box<HpCtx> from cipher_ctx_encrypt_init, freed once.
+        unsafe {
+            let raw = (*cipher_ctx).native_handle as *mut HpCtx;
+            if !raw.is_null() {
+                let hp = Box::from_raw(raw);
+                ffi::EVP_CIPHER_CTX_free(hp.ctx);
+                (*cipher_ctx).native_handle = ptr::null_mut();
+            }
+        }
+    })
+}
+
+fn hkdf(
+    mode: HkdfMode,
+    md: &MdRef,
+    dest: &mut [u8],
+    key: &[u8],
+    salt: Option<&[u8]>,
+    info: &[u8],
+) -> Result<(), openssl::error::ErrorStack> {
+    let mut ctx = PkeyCtx::new_id(Id::HKDF)?;
+    ctx.derive_init()?;
+    ctx.set_hkdf_mode(mode)?;
+    ctx.set_hkdf_md(md)?;
+    ctx.set_hkdf_key(key)?;
+    if let Some(salt) = salt {
+        ctx.set_hkdf_salt(salt)?;
+    }
+    if !info.is_empty() {
+        ctx.add_hkdf_info(info)?;
+    }
+    let n = ctx.derive(Some(dest))?;
+    if n != dest.len() {
+        return Err(openssl::error::ErrorStack::get());
+    }
+    Ok(())
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_hkdf_extract(
+    dest: *mut u8,
+    md: *const ngtcp2_crypto_md,
+    secret: *const u8,
+    secretlen: usize,
+    salt: *const u8,
+    saltlen: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: ngtcp2 passes readable inputs and a destination of the digest's size.
+        unsafe {
+            let md = md_of(md);
+            let out = std::slice::from_raw_parts_mut(dest, md.size());
+            match hkdf(
+                HkdfMode::EXTRACT_ONLY,
+                md,
+                out,
+                slice(secret, secretlen),
+                Some(slice(salt, saltlen)),
+                &[],
+            ) {
+                Ok(()) => 0,
+                Err(_) => -1,
+            }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_hkdf_expand(
+    dest: *mut u8,
+    destlen: usize,
+    md: *const ngtcp2_crypto_md,
+    secret: *const u8,
+    secretlen: usize,
+    info: *const u8,
+    infolen: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: ngtcp2 passes readable inputs and a writable destination of destlen bytes.
+        unsafe {
+            let out = std::slice::from_raw_parts_mut(dest, destlen);
+            match hkdf(
+                HkdfMode::EXPAND_ONLY,
+                md_of(md),
+                out,
+                slice(secret, secretlen),
+                None,
+                slice(info, infolen),
+            ) {
+                Ok(()) => 0,
+                Err(_) => -1,
+            }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_hkdf(
+    dest: *mut u8,
+    destlen: usize,
+    md: *const ngtcp2_crypto_md,
+    secret: *const u8,
+    secretlen: usize,
+    salt: *const u8,
+    saltlen: usize,
+    info: *const u8,
+    infolen: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: as for hkdf_expand.
+        unsafe {
+            let out = std::slice::from_raw_parts_mut(dest, destlen);
+            let salt = slice(salt, saltlen);
+            match hkdf(
+                HkdfMode::EXTRACT_THEN_EXPAND,
+                md_of(md),
+                out,
+                slice(secret, secretlen),
+                Some(salt),
+                slice(info, infolen),
+            ) {
+                Ok(()) => 0,
+                Err(_) => -1,
+            }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_encrypt(
+    dest: *mut u8,
+    aead: *const ngtcp2_crypto_aead,
+    aead_ctx: *const ngtcp2_crypto_aead_ctx,
+    plaintext: *const u8,
+    plaintextlen: usize,
+    nonce: *const u8,
+    _noncelen: usize,
+    aad: *const u8,
+    aadlen: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: aead and aead_ctx are ours; dest has room for plaintextlen + tag (ngtcp2's
+        // contract; dest may equal plaintext, which EVP supports); nonce has the IV length set at
+        // init; aad is readable.
+        unsafe {
+            let tag_len = aead_of(aead).tag_len;
+            let ctx = (*aead_ctx).native_handle as *mut ffi::EVP_CIPHER_CTX;
+            let mut len: c_int = 0;
+            let ok = ffi::EVP_EncryptInit_ex(ctx, ptr::null(), ptr::null_mut(), ptr::null(), nonce)
+                == 1
+                && (aadlen == 0
+                    || ffi::EVP_EncryptUpdate(
+                        ctx,
+                        ptr::null_mut(),
+                        &mut len,
+                        aad,
+                        aadlen as c_int,
+                    ) == 1)
+                && (plaintextlen == 0
+                    || ffi::EVP_EncryptUpdate(
+                        ctx,
+                        dest,
+                        &mut len,
+                        plaintext,
+                        plaintextlen as c_int,
+                    ) == 1)
+                && ffi::EVP_EncryptFinal_ex(ctx, dest.add(plaintextlen), &mut len) == 1
+                && ffi::EVP_CIPHER_CTX_ctrl(
+                    ctx,
+                    ossl::EVP_CTRL_AEAD_GET_TAG,
+                    tag_len as c_int,
+                    dest.add(plaintextlen).cast(),
+                ) == 1;
+            if ok { 0 } else { -1 }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_decrypt(
+    dest: *mut u8,
+    aead: *const ngtcp2_crypto_aead,
+    aead_ctx: *const ngtcp2_crypto_aead_ctx,
+    ciphertext: *const u8,
+    ciphertextlen: usize,
+    nonce: *const u8,
+    _noncelen: usize,
+    aad: *const u8,
+    aadlen: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: as for encrypt; dest has room for ciphertextlen - tag bytes.
+        unsafe {
+            let tag_len = aead_of(aead).tag_len;
+            if ciphertextlen < tag_len {
+                return -1;
+            }
+            let body = ciphertextlen - tag_len;
+            let ctx = (*aead_ctx).native_handle as *mut ffi::EVP_CIPHER_CTX;
+            let tag = ciphertext.add(body) as *mut c_void;
+            let mut len: c_int = 0;
+            let ok = ffi::EVP_DecryptInit_ex(ctx, ptr::null(), ptr::null_mut(), ptr::null(), nonce)
+                == 1
+                && ffi::EVP_CIPHER_CTX_ctrl(
+                    ctx,
+                    ossl::EVP_CTRL_AEAD_SET_TAG,
+                    tag_len as c_int,
+                    tag,
+                ) == 1
+                && (aadlen == 0
+                    || ffi::EVP_DecryptUpdate(
+                        ctx,
+                        ptr::null_mut(),
+                        &mut len,
+                        aad,
+                        aadlen as c_int,
+                    ) == 1)
+                && (body == 0
+                    || ffi::EVP_DecryptUpdate(ctx, dest, &mut len, ciphertext, body as c_int) == 1)
+                && ffi::EVP_DecryptFinal_ex(ctx, dest.add(body), &mut len) == 1;
+            if ok { 0 } else { -1 }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_hp_mask(
+    dest: *mut u8,
+    _hp: *const ngtcp2_crypto_cipher,
+    hp_ctx: *const ngtcp2_crypto_cipher_ctx,
+    sample: *const u8,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: hp_ctx holds our Box<HpCtx>; sample has NGTCP2_HP_SAMPLELEN bytes; dest has at
+        // least NGTCP2_HP_MASKLEN bytes, and we write exactly that many.
+        unsafe {
+            let hp = &*((*hp_ctx).native_handle as *const HpCtx);
+            let mut mask = [0u8; 32];
+            let mut len: c_int = 0;
+            let ok = if hp.chacha {
+                const ZEROS: [u8; 16] = [0; 16];
+                ffi::EVP_EncryptInit_ex(hp.ctx, ptr::null(), ptr::null_mut(), ptr::null(), sample)
+                    == 1
+                    && ffi::EVP_EncryptUpdate(
+                        hp.ctx,
+                        mask.as_mut_ptr(),
+                        &mut len,
+                        ZEROS.as_ptr(),
+                        ZEROS.len() as c_int,
+                    ) == 1
+            } else {
+                ffi::EVP_EncryptUpdate(
+                    hp.ctx,
+                    mask.as_mut_ptr(),
+                    &mut len,
+                    sample,
+                    NGTCP2_HP_SAMPLELEN as c_int,
+                ) == 1
+            };
+            if !ok {
+                return -1;
+            }
+            ptr::copy_nonoverlapping(mask.as_ptr(), dest, NGTCP2_HP_MASKLEN as usize);
+            0
+        }
+    })
+}
+
+/// Fills `data` from OpenSSL's CSPRNG.
+pub(crate) fn random(data: &mut [u8]) -> bool {
+    openssl::rand::rand_bytes(data).is_ok()
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_random(data: *mut u8, datalen: usize) -> c_int {
+    guard(-1, || {
+        if datalen == 0 {
+            return 0;
+        }
+        // SAFETY: ngtcp2 passes a writable buffer of datalen bytes.
+        let buf = unsafe { std::slice::from_raw_parts_mut(data, datalen) };
+        if random(buf) { 0 } else { -1 }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_get_path_challenge_data_cb(
+    _conn: *mut ngtcp2_conn,
+    data: *mut u8,
+    _user_data: *mut c_void,
+) -> c_int {
+    guard(NGTCP2_ERR_CALLBACK_FAILURE, || {
+        // SAFETY: ngtcp2 passes NGTCP2_PATH_CHALLENGE_DATALEN writable bytes.
+        let buf =
+            unsafe { std::slice::from_raw_parts_mut(data, NGTCP2_PATH_CHALLENGE_DATALEN as usize) };
+        if random(buf) {
+            0
+        } else {
+            NGTCP2_ERR_CALLBACK_FAILURE
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_get_path_challenge_data2_cb(
+    _conn: *mut ngtcp2_conn,
+    data: *mut ngtcp2_path_challenge_data,
+    _user_data: *mut c_void,
+) -> c_int {
+    guard(NGTCP2_ERR_CALLBACK_FAILURE, || {
+        // SAFETY: ngtcp2 passes a writable challenge struct.
+        let buf = unsafe { &mut (*data).data };
+        if random(buf) {
+            0
+        } else {
+            NGTCP2_ERR_CALLBACK_FAILURE
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_read_write_crypto_data(
+    conn: *mut ngtcp2_conn,
+    _level: ngtcp2_encryption_level,
+    data: *const u8,
+    datalen: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: conn is live (ngtcp2 is calling us for it) and its TLS native handle is the
+        // TlsSession attached to it; ngtcp2 serialises calls per connection.
+        unsafe {
+            let session = ngtcp2_conn_get_tls_native_handle(conn) as *mut TlsSession;
+            if session.is_null() {
+                return -1;
+            }
+            (*session).read_write_crypto_data(conn, slice(data, datalen))
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_set_local_transport_params(
+    tls: *mut c_void,
+    buf: *const u8,
+    len: usize,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: tls is the connection's TlsSession; buf holds len readable bytes.
+        unsafe { (*(tls as *mut TlsSession)).set_local_transport_params(slice(buf, len)) }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn ngtcp2_crypto_set_remote_transport_params(
+    _conn: *mut ngtcp2_conn,
+    _tls: *mut c_void,
+) -> c_int {
+    // OpenSSL hands the peer's parameters to the got_transport_params callback instead.
+    0
+}

@@ -1,0 +1,267 @@
+//! Two ngtcp2 connections, both on mqttd-tls, handshake in memory: every cipher suite, key update,
+//! resumption with 0-RTT, the failures a user meets, and a panic caught at the FFI boundary.
+
+mod support;
+
+use mqttd_ngtcp2_sys::*;
+use mqttd_tls::{CipherSuite, ClientConfig, ServerConfig, TlsError};
+use support::{Side, TestPki, drive, pair, pair_with};
+
+const MQTT: &[&[u8]] = &[b"mqtt"];
+
+#[test]
+fn handshake_and_stream_data_for_every_cipher_suite() {
+    let pki = TestPki::new();
+    let server_cfg = pki.server_config(MQTT);
+    for suite in CipherSuite::ALL {
+        let client_cfg = ClientConfig::builder()
+            .ca_pem(pki.ca_pem.as_bytes())
+            .alpn(MQTT)
+            .cipher_suites(&[suite])
+            .build()
+            .unwrap();
+        let (mut client, mut server, result) = pair(&client_cfg, &server_cfg);
+        let mut tick = result.unwrap_or_else(|e| panic!("{suite:?}: {e}"));
+        assert!(client.handshake_completed && server.handshake_completed);
+        assert_eq!(client.tls.cipher_suite(), Some(suite));
+        assert_eq!(server.tls.cipher_suite(), Some(suite));
+        assert_eq!(client.tls.alpn().as_deref(), Some(&b"mqtt"[..]));
+        assert_eq!(server.tls.alpn().as_deref(), Some(&b"mqtt"[..]));
+        assert_eq!(server.tls.server_name().as_deref(), Some("localhost"));
+
+        let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let id = client.open_bidi();
+        client.outgoing.push((id, payload.clone(), 0));
+        server.outgoing.push((id, b"pong".to_vec(), 0));
+        let mut to_server = client.send(tick).unwrap();
+        drive(&mut client, &mut server, &mut to_server, &mut tick).unwrap();
+        assert_eq!(server.received_on(id), &payload[..], "{suite:?}");
+        assert_eq!(client.received_on(id), b"pong", "{suite:?}");
+    }
+}
+
+#[test]
+fn key_update_keeps_the_connection_working() {
+    let pki = TestPki::new();
+    let (mut client, mut server, result) = pair(&pki.client_config(MQTT), &pki.server_config(MQTT));
+    let mut tick = result.unwrap();
+    // SAFETY: live connection.
+    let rv = unsafe { ngtcp2_conn_initiate_key_update(client.conn, support::now_ns(tick)) };
+    assert_eq!(rv, 0, "initiate_key_update");
+    let id = client.open_bidi();
+    client
+        .outgoing
+        .push((id, b"after the key update".to_vec(), 0));
+    let mut to_server = client.send(tick).unwrap();
+    drive(&mut client, &mut server, &mut to_server, &mut tick).unwrap();
+    assert_eq!(server.received_on(id), b"after the key update");
+    assert!(client.key_updates >= 1, "client derived new keys");
+    assert!(server.key_updates >= 1, "server followed the key update");
+}
+
+#[test]
+fn resumption_with_0rtt_stream_data_accepted() {
+    let pki = TestPki::new();
+    let server_cfg = pki.server_config(MQTT);
+    let client_cfg = pki.client_config(MQTT);
+    let (mut first, _server1, result) = pair(&client_cfg, &server_cfg);
+    result.unwrap();
+    assert!(!first.tls.session_reused());
+    assert!(
+        client_cfg.has_ticket("localhost"),
+        "the server sent a session ticket"
+    );
+    first.remember_0rtt_params();
+
+    let mut stream = -1;
+    let (client, server, result) = pair_with(&client_cfg, &server_cfg, NGTCP2_PROTO_VER_V1, |c| {
+        stream = c.open_bidi();
+        c.outgoing.push((stream, b"CONNECT in 0-RTT".to_vec(), 0));
+    });
+    result.unwrap();
+    assert!(client.tls.session_reused() && server.tls.session_reused());
+    assert!(server.tls.early_data_accepted(), "server accepted 0-RTT");
+    assert!(
+        client.tls.early_data_accepted(),
+        "client saw 0-RTT accepted"
+    );
+    assert_eq!(server.received_on(stream), b"CONNECT in 0-RTT");
+}
+
+#[test]
+fn quic_v2_handshake() {
+    let pki = TestPki::new();
+    let (client, server, result) = pair_with(
+        &pki.client_config(MQTT),
+        &pki.server_config(MQTT),
+        NGTCP2_PROTO_VER_V2,
+        |_| {},
+    );
+    result.unwrap();
+    // SAFETY: live connections.
+    unsafe {
+        assert_eq!(
+            ngtcp2_conn_get_negotiated_version(client.conn),
+            NGTCP2_PROTO_VER_V2
+        );
+        assert_eq!(
+            ngtcp2_conn_get_negotiated_version(server.conn),
+            NGTCP2_PROTO_VER_V2
+        );
+    }
+}
+
+fn failure(
+    client_cfg: &ClientConfig,
+    server_cfg: &ServerConfig,
+    server_name: &str,
+) -> (Box<Side>, Box<Side>) {
+    let mut tick = 0;
+    let mut client = Side::client_to(client_cfg, server_name, NGTCP2_PROTO_VER_V1, tick);
+    let mut to_server = client.send(tick).unwrap();
+    let mut server = Side::server(server_cfg, &to_server[0], tick);
+    let result = drive(&mut client, &mut server, &mut to_server, &mut tick);
+    assert!(result.is_err(), "the handshake must fail");
+    (client, server)
+}
+
+#[test]
+fn alpn_mismatch_is_alert_120_naming_the_offer() {
+    let pki = TestPki::new();
+    let (_client, mut server) = failure(
+        &pki.client_config(&[b"h3"]),
+        &pki.server_config(MQTT),
+        "localhost",
+    );
+    assert_eq!(server.tls.alert_sent(), Some(120));
+    let err = server
+        .tls
+        .take_error()
+        .expect("server recorded the failure")
+        .to_string();
+    assert!(
+        err.contains("alert 120 (no_application_protocol)") && err.contains("[h3]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn untrusted_certificate_is_refused_by_the_client() {
+    let pki = TestPki::new();
+    let other = TestPki::named("some other CA");
+    let (mut client, _server) = failure(
+        &other.client_config(MQTT),
+        &pki.server_config(MQTT),
+        "localhost",
+    );
+    let err = client
+        .tls
+        .take_error()
+        .expect("client recorded the failure");
+    let text = err.to_string();
+    assert!(
+        matches!(err, TlsError::AlertSent { alert: 48, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("server localhost")
+            && text.contains("unable to get local issuer certificate"),
+        "{text}"
+    );
+}
+
+#[test]
+fn wrong_server_name_is_refused() {
+    let pki = TestPki::new();
+    let (mut client, _server) = failure(
+        &pki.client_config(MQTT),
+        &pki.server_config(MQTT),
+        "broker.example",
+    );
+    let text = client
+        .tls
+        .take_error()
+        .expect("client recorded the failure")
+        .to_string();
+    assert!(
+        text.contains("server broker.example") && text.contains("hostname mismatch"),
+        "{text}"
+    );
+}
+
+#[test]
+fn missing_client_certificate_is_alert_116() {
+    let pki = TestPki::new();
+    let server_cfg = ServerConfig::builder()
+        .cert_chain_pem(pki.leaf_pem.as_bytes())
+        .private_key_pem(pki.leaf_key_pem.as_bytes())
+        .alpn(MQTT)
+        .client_ca_pem(pki.ca_pem.as_bytes())
+        .build()
+        .unwrap();
+    let (_client, mut server) = failure(&pki.client_config(MQTT), &server_cfg, "localhost");
+    assert_eq!(server.tls.alert_sent(), Some(116));
+    let text = server.tls.take_error().unwrap().to_string();
+    assert!(
+        text.contains("certificate_required") && text.contains("no certificate"),
+        "{text}"
+    );
+
+    // With a certificate from the trusted CA the same server accepts the client.
+    let (cert, key) = TestPki::issue(&pki.ca_cert, &pki.ca_key, &["device-42"]);
+    let client_cfg = ClientConfig::builder()
+        .ca_pem(pki.ca_pem.as_bytes())
+        .alpn(MQTT)
+        .client_cert_pem(cert.as_bytes(), key.as_bytes())
+        .build()
+        .unwrap();
+    let (_c, _s, result) = pair(&client_cfg, &server_cfg);
+    result.unwrap();
+}
+
+#[test]
+fn a_panic_in_a_callback_becomes_an_error() {
+    let pki = TestPki::new();
+    let mut client = Side::client(&pki.client_config(MQTT), NGTCP2_PROTO_VER_V1, 0);
+    client.tls.inject_panic("crypto_send");
+    let err = client
+        .send(0)
+        .expect_err("the first flight cannot be written");
+    assert_eq!(err, NGTCP2_ERR_CALLBACK_FAILURE);
+    let text = client
+        .tls
+        .take_error()
+        .expect("the panic was recorded")
+        .to_string();
+    assert!(
+        text.contains("panicked") && text.contains("injected panic in crypto_send"),
+        "{text}"
+    );
+}
+
+#[test]
+fn configuration_errors_name_the_file() {
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let err = ServerConfig::builder()
+        .cert_chain_pem(pki.leaf_pem.as_bytes())
+        .private_key_pem(other.leaf_key_pem.as_bytes())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not match the certificate"), "{err}");
+    let err = ServerConfig::builder()
+        .cert_chain_file("/nonexistent/mqttd/cert.pem")
+        .private_key_pem(pki.leaf_key_pem.as_bytes())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/mqttd/cert.pem"), "{err}");
+    let err = ServerConfig::builder()
+        .cert_chain_pem(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+        .private_key_pem(pki.leaf_key_pem.as_bytes())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not valid PEM"), "{err}");
+}

@@ -1,0 +1,548 @@
+//! The tokio connection handle and its driver task.
+//!
+//! Each connection's [`proto::Connection`] sits in a mutex inside [`ConnInner`]. Its driver task
+//! (spawned by the endpoint) is the one that runs timers, writes packets and turns protocol
+//! events into task wake-ups; the endpoint's receive task feeds datagrams in, and stream handles
+//! read and write buffers, each holding the lock only for the synchronous call and then
+//! notifying the driver. The lock is never held across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::endpoint::EndpointInner;
+use crate::proto::{self, ConnectionError, Dir, EndpointEvent, Event, Stats, StreamId};
+use crate::stream::{RecvStream, SendStream};
+
+/// Everything about a connection that handles and the driver share.
+pub(crate) struct ConnInner {
+    pub(crate) state: Mutex<ConnState>,
+    /// Wakes the driver: something to send, a timer to re-arm.
+    pub(crate) notify: Notify,
+    /// Application handles (Connection, streams) alive; the last one to go closes.
+    app_refs: AtomicUsize,
+    pub(crate) id: u64,
+}
+
+pub(crate) struct ConnState {
+    pub(crate) proto: proto::Connection,
+    incoming: [VecDeque<StreamId>; 2],
+    accept_wakers: [Vec<Waker>; 2],
+    open_wakers: [Vec<Waker>; 2],
+    pub(crate) read_wakers: HashMap<StreamId, Waker>,
+    pub(crate) write_wakers: HashMap<StreamId, Waker>,
+    datagram_wakers: Vec<Waker>,
+    handshake_wakers: Vec<Waker>,
+    closed_wakers: Vec<Waker>,
+    zero_rtt_wakers: Vec<Waker>,
+    pub(crate) handshake_done: bool,
+    zero_rtt_rejected: bool,
+    pub(crate) error: Option<ConnectionError>,
+    pub(crate) endpoint_events: Vec<EndpointEvent>,
+}
+
+fn dir_index(d: Dir) -> usize {
+    match d {
+        Dir::Bi => 0,
+        Dir::Uni => 1,
+    }
+}
+
+fn wake_all(w: &mut Vec<Waker>) {
+    for w in w.drain(..) {
+        w.wake();
+    }
+}
+
+impl ConnState {
+    /// Turns protocol events into wake-ups; routing events are kept for the driver.
+    pub(crate) fn process_events(&mut self) {
+        while let Some(ev) = self.proto.poll_endpoint_event() {
+            self.endpoint_events.push(ev);
+        }
+        while let Some(ev) = self.proto.poll_event() {
+            match ev {
+                Event::HandshakeCompleted => {
+                    self.handshake_done = true;
+                    wake_all(&mut self.handshake_wakers);
+                    wake_all(&mut self.zero_rtt_wakers);
+                }
+                Event::StreamOpened(id) => {
+                    let i = dir_index(id.dir());
+                    self.incoming[i].push_back(id);
+                    wake_all(&mut self.accept_wakers[i]);
+                }
+                Event::StreamReadable(id) | Event::StreamReset { id, .. } => {
+                    if let Some(w) = self.read_wakers.remove(&id) {
+                        w.wake();
+                    }
+                }
+                Event::StreamWritable(id)
+                | Event::StreamStopped { id, .. }
+                | Event::StreamFinished(id) => {
+                    if let Some(w) = self.write_wakers.remove(&id) {
+                        w.wake();
+                    }
+                }
+                Event::StreamsAvailable(d) => wake_all(&mut self.open_wakers[dir_index(d)]),
+                Event::DatagramReceived => wake_all(&mut self.datagram_wakers),
+                Event::ZeroRttRejected => {
+                    self.zero_rtt_rejected = true;
+                    wake_all(&mut self.zero_rtt_wakers);
+                    for (_, w) in self.read_wakers.drain() {
+                        w.wake();
+                    }
+                    for (_, w) in self.write_wakers.drain() {
+                        w.wake();
+                    }
+                }
+                Event::ConnectionLost(e) => {
+                    if self.error.is_none() {
+                        self.error = Some(e);
+                    }
+                    self.wake_everything();
+                }
+            }
+        }
+    }
+
+    fn wake_everything(&mut self) {
+        for w in self
+            .accept_wakers
+            .iter_mut()
+            .chain(self.open_wakers.iter_mut())
+        {
+            wake_all(w);
+        }
+        wake_all(&mut self.datagram_wakers);
+        wake_all(&mut self.handshake_wakers);
+        wake_all(&mut self.closed_wakers);
+        wake_all(&mut self.zero_rtt_wakers);
+        for (_, w) in self.read_wakers.drain() {
+            w.wake();
+        }
+        for (_, w) in self.write_wakers.drain() {
+            w.wake();
+        }
+    }
+}
+
+impl ConnInner {
+    pub(crate) fn new(proto: proto::Connection, id: u64) -> Arc<Self> {
+        Arc::new(ConnInner {
+            state: Mutex::new(ConnState {
+                proto,
+                incoming: [VecDeque::new(), VecDeque::new()],
+                accept_wakers: [Vec::new(), Vec::new()],
+                open_wakers: [Vec::new(), Vec::new()],
+                read_wakers: HashMap::new(),
+                write_wakers: HashMap::new(),
+                datagram_wakers: Vec::new(),
+                handshake_wakers: Vec::new(),
+                closed_wakers: Vec::new(),
+                zero_rtt_wakers: Vec::new(),
+                handshake_done: false,
+                zero_rtt_rejected: false,
+                error: None,
+                endpoint_events: Vec::new(),
+            }),
+            notify: Notify::new(),
+            app_refs: AtomicUsize::new(0),
+            id,
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ConnState> {
+        // A panic while holding the lock leaves protocol state we can still close cleanly.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn acquire(self: &Arc<Self>) -> Arc<Self> {
+        self.app_refs.fetch_add(1, Ordering::AcqRel);
+        self.clone()
+    }
+
+    pub(crate) fn release(&self) {
+        if self.app_refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Nobody can use the connection any more: close it as quinn does.
+            let mut st = self.lock();
+            if !st.proto.is_closed() {
+                st.proto.close(0, b"");
+                st.process_events();
+            }
+            drop(st);
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// Drives one connection: timers, packet writes, wake-ups. Runs until the connection drained.
+pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
+    const MAX_BATCHES: usize = 8;
+    let max_gso = endpoint.max_gso_segments();
+    let mut bufs: Vec<Vec<u8>> = (0..MAX_BATCHES).map(|_| Vec::new()).collect();
+    let mut transmits: Vec<proto::Transmit> = Vec::with_capacity(MAX_BATCHES);
+    let mut handshake_reported = false;
+    loop {
+        transmits.clear();
+        let (timeout, drained, events) = {
+            let mut st = conn.lock();
+            let now = Instant::now();
+            if st.proto.poll_timeout().is_some_and(|t| t <= now) {
+                st.proto.handle_timeout(now);
+            }
+            for buf in bufs.iter_mut() {
+                match st.proto.poll_transmit(now, buf, max_gso) {
+                    Some(t) => transmits.push(t),
+                    None => break,
+                }
+            }
+            st.process_events();
+            let events = std::mem::take(&mut st.endpoint_events);
+            if st.handshake_done && !handshake_reported {
+                handshake_reported = true;
+                endpoint.handshake_done(&conn);
+            }
+            (st.proto.poll_timeout(), st.proto.is_drained(), events)
+        };
+        endpoint.apply_routing(&conn, &events);
+        for (t, buf) in transmits.iter().zip(bufs.iter()) {
+            endpoint.send(t, &buf[..t.size]).await;
+        }
+        if drained {
+            break;
+        }
+        if transmits.len() == MAX_BATCHES {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let sleep = async {
+            match timeout {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = conn.notify.notified() => {}
+            _ = sleep => {}
+        }
+    }
+    {
+        let mut st = conn.lock();
+        if st.error.is_none() {
+            st.error = Some(
+                st.proto
+                    .close_reason()
+                    .cloned()
+                    .unwrap_or(ConnectionError::LocallyClosed),
+            );
+        }
+        st.wake_everything();
+    }
+    endpoint.forget(&conn);
+}
+
+/// A QUIC connection; cheap to clone. The connection closes (application code 0) when the last
+/// handle, including stream handles, is dropped.
+pub struct Connection {
+    pub(crate) inner: Arc<ConnInner>,
+}
+
+impl Clone for Connection {
+    fn clone(&self) -> Self {
+        Connection {
+            inner: self.inner.acquire(),
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.inner.release();
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.inner.id)
+            .finish()
+    }
+}
+
+impl Connection {
+    fn poll_open(&self, cx: &mut Context<'_>, dir: Dir) -> Poll<Result<StreamId, ConnectionError>> {
+        let mut st = self.inner.lock();
+        if let Some(e) = &st.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        let id = match dir {
+            Dir::Bi => st.proto.open_bi(),
+            Dir::Uni => st.proto.open_uni(),
+        };
+        match id {
+            Some(id) => Poll::Ready(Ok(id)),
+            None => {
+                st.open_wakers[dir_index(dir)].push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Opens a bidirectional stream, waiting while the peer's stream limit is reached.
+    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        let id = std::future::poll_fn(|cx| self.poll_open(cx, Dir::Bi)).await?;
+        Ok((
+            SendStream::new(&self.inner, id),
+            RecvStream::new(&self.inner, id),
+        ))
+    }
+
+    /// Opens a unidirectional stream, waiting while the peer's stream limit is reached.
+    pub async fn open_uni(&self) -> Result<SendStream, ConnectionError> {
+        let id = std::future::poll_fn(|cx| self.poll_open(cx, Dir::Uni)).await?;
+        Ok(SendStream::new(&self.inner, id))
+    }
+
+    fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+        dir: Dir,
+    ) -> Poll<Result<StreamId, ConnectionError>> {
+        let mut st = self.inner.lock();
+        let i = dir_index(dir);
+        if let Some(id) = st.incoming[i].pop_front() {
+            return Poll::Ready(Ok(id));
+        }
+        if let Some(e) = &st.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        st.accept_wakers[i].push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Waits for the peer to open a bidirectional stream.
+    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        let id = std::future::poll_fn(|cx| self.poll_accept(cx, Dir::Bi)).await?;
+        Ok((
+            SendStream::new(&self.inner, id),
+            RecvStream::new(&self.inner, id),
+        ))
+    }
+
+    /// Waits for the peer to open a unidirectional stream.
+    pub async fn accept_uni(&self) -> Result<RecvStream, ConnectionError> {
+        let id = std::future::poll_fn(|cx| self.poll_accept(cx, Dir::Uni)).await?;
+        Ok(RecvStream::new(&self.inner, id))
+    }
+
+    /// Sends an unreliable datagram (RFC 9221).
+    pub fn send_datagram(&self, data: Bytes) -> Result<(), SendDatagramError> {
+        let mut st = self.inner.lock();
+        if let Some(e) = &st.error {
+            return Err(SendDatagramError::ConnectionLost(e.clone()));
+        }
+        if !st.proto.send_datagram(data) {
+            return Err(SendDatagramError::Unsupported);
+        }
+        drop(st);
+        self.inner.notify.notify_one();
+        Ok(())
+    }
+
+    /// Waits for the next datagram.
+    pub async fn read_datagram(&self) -> Result<Bytes, ConnectionError> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.inner.lock();
+            if let Some(d) = st.proto.recv_datagram() {
+                return Poll::Ready(Ok(d));
+            }
+            if let Some(e) = &st.error {
+                return Poll::Ready(Err(e.clone()));
+            }
+            st.datagram_wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Closes the connection with an application error code and reason.
+    pub fn close(&self, code: u64, reason: &[u8]) {
+        let mut st = self.inner.lock();
+        st.proto.close(code, reason);
+        st.process_events();
+        drop(st);
+        self.inner.notify.notify_one();
+    }
+
+    /// Waits until the connection is closed, for whatever reason.
+    pub async fn closed(&self) -> ConnectionError {
+        std::future::poll_fn(|cx| {
+            let mut st = self.inner.lock();
+            if let Some(e) = &st.error {
+                return Poll::Ready(e.clone());
+            }
+            st.closed_wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Why the connection closed, if it did.
+    pub fn close_reason(&self) -> Option<ConnectionError> {
+        self.inner.lock().error.clone()
+    }
+
+    /// Statistics: RTT, congestion window, bytes and packets.
+    pub fn stats(&self) -> Stats {
+        self.inner.lock().proto.stats()
+    }
+
+    /// Smoothed round-trip time.
+    pub fn rtt(&self) -> Duration {
+        self.stats().rtt
+    }
+
+    /// The peer's current address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.inner.lock().proto.path().remote
+    }
+
+    /// The negotiated ALPN protocol.
+    pub fn alpn(&self) -> Option<Vec<u8>> {
+        self.inner.lock().proto.alpn()
+    }
+
+    /// The negotiated QUIC version number.
+    pub fn version(&self) -> u32 {
+        self.inner.lock().proto.version()
+    }
+
+    /// Whether 0-RTT data was accepted (client) or received (server).
+    pub fn zero_rtt_accepted(&self) -> bool {
+        self.inner.lock().proto.zero_rtt_accepted()
+    }
+
+    /// Starts a TLS key update; false if not possible yet (handshake not confirmed, or an
+    /// update is in progress).
+    pub fn initiate_key_update(&self) -> bool {
+        let ok = self.inner.lock().proto.initiate_key_update(Instant::now());
+        self.inner.notify.notify_one();
+        ok
+    }
+
+    /// A stable identifier of this connection within its endpoint.
+    pub fn stable_id(&self) -> u64 {
+        self.inner.id
+    }
+}
+
+/// Why a datagram could not be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendDatagramError {
+    /// The peer does not accept datagrams, or this one is larger than it accepts.
+    #[error("datagrams unsupported by peer or too large")]
+    Unsupported,
+    /// The connection is gone.
+    #[error("connection lost: {0}")]
+    ConnectionLost(ConnectionError),
+}
+
+/// A connection attempt in progress (client) or an incoming connection (server): resolves when
+/// the handshake completes.
+pub struct Connecting {
+    pub(crate) inner: Option<Arc<ConnInner>>,
+}
+
+impl Connecting {
+    pub(crate) fn new(inner: &Arc<ConnInner>) -> Self {
+        Connecting {
+            inner: Some(inner.acquire()),
+        }
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> Option<SocketAddr> {
+        self.inner.as_ref().map(|i| i.lock().proto.path().remote)
+    }
+
+    /// Client: if resumption parameters allow 0-RTT, returns the connection at once so streams
+    /// can be used before the handshake completes, and a future telling whether the server
+    /// accepted the early data. Otherwise gives `self` back.
+    pub fn into_0rtt(mut self) -> Result<(Connection, ZeroRttAccepted), Connecting> {
+        let Some(inner) = self.inner.take() else {
+            return Err(self);
+        };
+        let zero = {
+            let st = inner.lock();
+            st.proto.is_zero_rtt() && st.proto.side() == proto::Side::Client
+        };
+        if !zero {
+            self.inner = Some(inner);
+            return Err(self);
+        }
+        let conn = Connection { inner };
+        let accepted = ZeroRttAccepted {
+            inner: conn.inner.clone(),
+        };
+        Ok((conn, accepted))
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        if let Some(i) = self.inner.take() {
+            i.release();
+        }
+    }
+}
+
+impl Future for Connecting {
+    type Output = Result<Connection, ConnectionError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(inner) = self.inner.as_ref() else {
+            return Poll::Ready(Err(ConnectionError::LocallyClosed));
+        };
+        let mut st = inner.lock();
+        if st.handshake_done {
+            drop(st);
+            let inner = self.inner.take().expect("checked above");
+            return Poll::Ready(Ok(Connection { inner }));
+        }
+        if let Some(e) = &st.error {
+            return Poll::Ready(Err(e.clone()));
+        }
+        st.handshake_wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Resolves to whether the server accepted 0-RTT data, once the handshake completes.
+pub struct ZeroRttAccepted {
+    inner: Arc<ConnInner>,
+}
+
+impl Future for ZeroRttAccepted {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut st = self.inner.lock();
+        if st.zero_rtt_rejected || st.error.is_some() {
+            return Poll::Ready(false);
+        }
+        if st.handshake_done {
+            return Poll::Ready(st.proto.zero_rtt_accepted());
+        }
+        st.zero_rtt_wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+}

@@ -1,0 +1,144 @@
+//! Our client against our server over loopback UDP.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqttd_quic::{ConnectionError, Endpoint};
+use support::{Pki, Rng};
+use tokio::io::AsyncReadExt;
+use tokio::time::timeout;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn server(pki: &Pki, tweak: impl FnOnce(&mut mqttd_quic::ServerConfig)) -> Endpoint {
+    let mut cfg = pki.server_config();
+    cfg.transport = Arc::new(support::transport());
+    tweak(&mut cfg);
+    Endpoint::server(cfg, "127.0.0.1:0".parse().expect("addr")).expect("bind server")
+}
+
+/// Serves echo on every bidi stream of every connection; echoes datagrams.
+fn spawn_echo(ep: Endpoint) {
+    tokio::spawn(async move {
+        while let Some(connecting) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = connecting.await else { return };
+                let c2 = conn.clone();
+                tokio::spawn(async move {
+                    while let Ok(d) = c2.read_datagram().await {
+                        let _ = c2.send_datagram(d);
+                    }
+                });
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match recv.read(&mut buf).await {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if send.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn handshake_echo_and_datagrams() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let srv = server(&pki, |_| {});
+        let addr = srv.local_addr();
+        spawn_echo(srv.clone());
+        let client = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        let conn = client
+            .connect(&pki.client_config(), addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        assert_eq!(conn.alpn().as_deref(), Some(&b"mqtt"[..]));
+        let payload = Rng(5).bytes(1 << 20);
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        let p = payload.clone();
+        let writer = tokio::spawn(async move {
+            send.write_all(&p).await.expect("write");
+            send.finish().expect("finish");
+        });
+        let got = recv.read_to_end(2 << 20).await.expect("read");
+        writer.await.expect("writer");
+        assert!(got == payload, "echo corrupted ({} bytes)", got.len());
+
+        conn.send_datagram(Bytes::from_static(b"ping"))
+            .expect("datagram");
+        let d = conn.read_datagram().await.expect("datagram back");
+        assert_eq!(&d[..], b"ping");
+        let stats = conn.stats();
+        assert!(stats.rtt > Duration::ZERO && stats.sent_bytes > (1 << 20));
+        conn.close(7, b"done");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_both_sides() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let srv = server(&pki, |c| {
+            let mut t = support::transport();
+            t.idle_timeout = Duration::from_millis(300);
+            c.transport = Arc::new(t);
+        });
+        let addr = srv.local_addr();
+        let client = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        let mut cc = pki.client_config();
+        let mut t = support::transport();
+        t.idle_timeout = Duration::from_millis(300);
+        cc.transport = Arc::new(t);
+        let conn = client.connect(&cc, addr, "localhost").expect("connect");
+        let incoming = srv.accept().await.expect("incoming");
+        let (conn, server_conn) = tokio::join!(conn, incoming);
+        let (conn, server_conn) = (conn.expect("client"), server_conn.expect("server"));
+        let (a, b) = tokio::join!(conn.closed(), server_conn.closed());
+        assert_eq!(a, ConnectionError::TimedOut);
+        assert_eq!(b, ConnectionError::TimedOut);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn dropping_the_server_endpoint_sends_connection_close() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let srv = server(&pki, |_| {});
+        let addr = srv.local_addr();
+        let client = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        let conn = client
+            .connect(&pki.client_config(), addr, "localhost")
+            .expect("connect");
+        let incoming = srv.accept().await.expect("incoming");
+        let (conn, server_conn) = tokio::join!(conn, incoming);
+        let conn = conn.expect("client");
+        drop(server_conn);
+        drop(srv);
+        let err = conn.closed().await;
+        assert!(
+            matches!(err, ConnectionError::ApplicationClosed { code: 0, .. }),
+            "client saw {err:?}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,0 +1,158 @@
+//! Shared test helpers: a test PKI (CA + CA:FALSE leaf for "localhost"), TLS configs for our
+//! stack and for quinn, and a deterministic PRNG.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqttd_quic::{ClientConfig, ServerConfig, TransportConfig};
+
+pub const ALPN: &[u8] = b"mqtt";
+
+/// A CA and a leaf certificate for "localhost" signed by it.
+pub struct Pki {
+    pub ca_pem: String,
+    pub ca_der: Vec<u8>,
+    pub leaf_pem: String,
+    pub leaf_der: Vec<u8>,
+    pub key_pem: String,
+    pub key_der: Vec<u8>,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mqttd-quic test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        let leaf = params.signed_by(&key, &ca, &ca_key).expect("leaf");
+        Pki {
+            ca_pem: ca.pem(),
+            ca_der: ca.der().to_vec(),
+            leaf_pem: leaf.pem(),
+            leaf_der: leaf.der().to_vec(),
+            key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    pub fn server_tls(&self) -> mqttd_tls::ServerConfig {
+        mqttd_tls::ServerConfig::builder()
+            .cert_chain_pem(self.leaf_pem.as_bytes())
+            .private_key_pem(self.key_pem.as_bytes())
+            .alpn(&[ALPN])
+            .build()
+            .expect("server TLS config")
+    }
+
+    pub fn client_tls(&self) -> mqttd_tls::ClientConfig {
+        mqttd_tls::ClientConfig::builder()
+            .ca_pem(self.ca_pem.as_bytes())
+            .alpn(&[ALPN])
+            .enable_early_data(true)
+            .build()
+            .expect("client TLS config")
+    }
+
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig::new(self.server_tls())
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::new(self.client_tls())
+    }
+
+    pub fn quinn_server_config(&self) -> quinn::ServerConfig {
+        let certs = vec![rustls::pki_types::CertificateDer::from(
+            self.leaf_der.clone(),
+        )];
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(self.key_der.clone()),
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("cert");
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.max_early_data_size = u32::MAX;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("quic tls");
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(200u32.into());
+        transport.stream_receive_window((4u32 << 20).into());
+        transport.receive_window((16u32 << 20).into());
+        transport.datagram_receive_buffer_size(Some(1 << 20));
+        cfg.transport_config(Arc::new(transport));
+        cfg
+    }
+
+    pub fn quinn_client_config(&self) -> quinn::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
+            .expect("root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.enable_early_data = true;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(200u32.into());
+        transport.stream_receive_window((4u32 << 20).into());
+        transport.receive_window((16u32 << 20).into());
+        transport.datagram_receive_buffer_size(Some(1 << 20));
+        cfg.transport_config(Arc::new(transport));
+        cfg
+    }
+}
+
+/// Transport settings for tests: short idle timeout so failures end quickly.
+pub fn transport() -> TransportConfig {
+    TransportConfig {
+        idle_timeout: Duration::from_secs(10),
+        ..TransportConfig::default()
+    }
+}
+
+/// xorshift64*: deterministic randomness for loss and payloads.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}

@@ -1,0 +1,79 @@
+//! The command line: `--help`, `check-config`, the shipped default config.
+
+use std::process::Command;
+
+fn mqttd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(args)
+        .output()
+        .expect("run mqttd")
+}
+
+#[test]
+fn help_lists_every_config_key_as_a_flag() {
+    let out = mqttd(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--listen",
+        "--http-listen",
+        "--allow-anonymous",
+        "--max-connections",
+        "--max-packet-size",
+        "--max-inflight",
+        "--max-queued-messages",
+        "--max-topic-length",
+        "--max-topic-levels",
+        "--connect-timeout-secs",
+        "--log-format",
+        "--sys-interval-secs",
+        "check-config",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_line() {
+    let dir = std::env::temp_dir().join(format!("mqttd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:1883\"\n# a comment\nmax_conections = 10\n",
+    )
+    .expect("write");
+    let out = mqttd(&["check-config", bad.to_str().expect("utf-8 path")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3: key `max_conections`"), "{err}");
+
+    let bad_value = dir.join("bad_value.toml");
+    std::fs::write(&bad_value, "max_packet_size = \"big\"\n").expect("write");
+    let out = mqttd(&["check-config", bad_value.to_str().expect("utf-8 path")]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad_value.toml:1: key `max_packet_size`")
+    );
+
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "listen = \"127.0.0.1:1999\"\nmax_connections = 10\n").expect("write");
+    assert!(
+        mqttd(&["check-config", good.to_str().expect("utf-8 path")])
+            .status
+            .success()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn shipped_default_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/mqttd.toml");
+    let out = mqttd(&["check-config", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqttd_quic::{ConnectionError, Endpoint};
-use support::{Pki, Rng};
-use tokio::io::AsyncReadExt;
+use support::{Pki, Rng, spawn_echo};
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -18,40 +17,6 @@ fn server(pki: &Pki, tweak: impl FnOnce(&mut mqttd_quic::ServerConfig)) -> Endpo
     cfg.transport = Arc::new(support::transport());
     tweak(&mut cfg);
     Endpoint::server(cfg, "127.0.0.1:0".parse().expect("addr")).expect("bind server")
-}
-
-/// Serves echo on every bidi stream of every connection; echoes datagrams.
-fn spawn_echo(ep: Endpoint) {
-    tokio::spawn(async move {
-        while let Some(connecting) = ep.accept().await {
-            tokio::spawn(async move {
-                let Ok(conn) = connecting.await else { return };
-                let c2 = conn.clone();
-                tokio::spawn(async move {
-                    while let Ok(d) = c2.read_datagram().await {
-                        let _ = c2.send_datagram(d);
-                    }
-                });
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            match recv.read(&mut buf).await {
-                                Ok(0) => break,
-                                Ok(n) => {
-                                    if send.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(_) => return,
-                            }
-                        }
-                        let _ = send.finish();
-                    });
-                }
-            });
-        }
-    });
 }
 
 #[tokio::test]

@@ -156,3 +156,78 @@ impl Rng {
         v
     }
 }
+
+/// Serves echo on every bidi stream of every connection of our endpoint; echoes datagrams.
+pub fn spawn_echo(ep: mqttd_quic::Endpoint) {
+    use tokio::io::AsyncReadExt;
+    tokio::spawn(async move {
+        while let Some(connecting) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = connecting.await else { return };
+                let c2 = conn.clone();
+                tokio::spawn(async move {
+                    while let Ok(d) = c2.read_datagram().await {
+                        let _ = c2.send_datagram(d);
+                    }
+                });
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match recv.read(&mut buf).await {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if send.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+}
+
+/// Serves echo on every bidi stream of every connection of a quinn endpoint; echoes datagrams.
+pub fn spawn_quinn_echo(ep: quinn::Endpoint) {
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                let c2 = conn.clone();
+                tokio::spawn(async move {
+                    while let Ok(d) = c2.read_datagram().await {
+                        let _ = c2.send_datagram(d);
+                    }
+                });
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match recv.read(&mut buf).await {
+                                Ok(Some(n)) => {
+                                    if send.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(_) => return,
+                            }
+                        }
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}

@@ -61,7 +61,9 @@ pub struct Report {
 pub fn build(root: &Path, prefix: &Path) -> Result<Report> {
     // Tests call this from parallel threads; two builds writing one prefix must not interleave.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let sources = sources::load(root)?;
     sources::vendor_all(&sources, &root.join("vendor"))?;
     build_from(root, &sources, prefix)

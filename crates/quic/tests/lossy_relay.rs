@@ -1,0 +1,130 @@
+//! Transfers through a UDP relay that drops 5% of datagrams and delays/reorders others.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mqttd_quic::Endpoint;
+use support::{Pki, Rng, sha256};
+use tokio::net::UdpSocket;
+use tokio::time::timeout;
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+/// Relays between one client (whoever talks first) and `server`, dropping `loss` percent and
+/// delaying a quarter of the rest by 1-15 ms (which reorders them). Returns the relay address.
+async fn spawn_relay(
+    server: SocketAddr,
+    loss: u64,
+    seed: u64,
+) -> (SocketAddr, Arc<Mutex<(u64, u64)>>) {
+    let sock = Arc::new(UdpSocket::bind(localhost()).await.expect("bind relay"));
+    let addr = sock.local_addr().expect("addr");
+    let counts = Arc::new(Mutex::new((0u64, 0u64)));
+    let c = counts.clone();
+    tokio::spawn(async move {
+        let mut rng = Rng(seed);
+        let mut client: Option<SocketAddr> = None;
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let to = if from == server {
+                match client {
+                    Some(c) => c,
+                    None => continue,
+                }
+            } else {
+                client = Some(from);
+                server
+            };
+            {
+                let mut c = c.lock().expect("counts");
+                c.0 += 1;
+                if rng.chance(loss) {
+                    c.1 += 1;
+                    continue;
+                }
+            }
+            let data = buf[..n].to_vec();
+            if rng.chance(25) {
+                let delay = Duration::from_millis(1 + rng.next() % 15);
+                let sock = sock.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = sock.send_to(&data, to).await;
+                });
+            } else {
+                let _ = sock.send_to(&data, to).await;
+            }
+        }
+    });
+    (addr, counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_mib_both_directions_through_a_lossy_reordering_relay() {
+    timeout(Duration::from_secs(50), async {
+        let pki = Pki::new();
+        let mut cfg = pki.server_config();
+        cfg.transport = Arc::new(support::transport());
+        let server = Endpoint::server(cfg, localhost()).expect("server");
+        let (relay, counts) = spawn_relay(server.local_addr(), 5, 0x1055).await;
+
+        let up = Rng(21).bytes(4 << 20);
+        let down = Rng(22).bytes(4 << 20);
+        let (up_hash, down_hash) = (sha256(&up), sha256(&down));
+        let srv = server.clone();
+        let down2 = down.clone();
+        let server_task = tokio::spawn(async move {
+            let conn = srv
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("server handshake");
+            let (mut send, mut recv) = conn.accept_bi().await.expect("accept");
+            let writer = tokio::spawn(async move {
+                send.write_all(&down2).await.expect("server write");
+                send.finish().expect("finish");
+                send
+            });
+            let got = recv.read_to_end(8 << 20).await.expect("server read");
+            let _send = writer.await.expect("writer");
+            conn.closed().await;
+            got
+        });
+
+        let client = Endpoint::client(localhost()).expect("client");
+        let mut cc = pki.client_config();
+        cc.transport = Arc::new(support::transport());
+        let conn = client
+            .connect(&cc, relay, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake via relay");
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        let writer = tokio::spawn(async move {
+            send.write_all(&up).await.expect("client write");
+            send.finish().expect("finish");
+            send
+        });
+        let got_down = recv.read_to_end(8 << 20).await.expect("client read");
+        let _send = writer.await.expect("writer");
+        assert_eq!(sha256(&got_down), down_hash, "download corrupted");
+        conn.close(0, b"done");
+        let got_up = server_task.await.expect("server task");
+        assert_eq!(sha256(&got_up), up_hash, "upload corrupted");
+        let (total, dropped) = *counts.lock().expect("counts");
+        assert!(
+            dropped * 100 >= total * 3,
+            "relay dropped only {dropped} of {total}"
+        );
+        let stats = conn.stats();
+        assert!(stats.lost_packets > 0, "no loss was detected: {stats:?}");
+    })
+    .await
+    .expect("timed out");
+}

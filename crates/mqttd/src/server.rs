@@ -20,13 +20,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use mqttd_codec::{
     ConnAck, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode, decode, decode_connect,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::broker::{Broker, BrokerOptions, CloseReason, ConnId, Transmit};
 use crate::config::{Config, Limits};
@@ -77,14 +78,43 @@ pub enum Event {
     },
 }
 
-/// What every connection task needs.
+/// What every connection task needs, whatever transport accepted it. A listener (TCP now,
+/// QUIC later) admits a connection with [`ConnContext::admit`] and hands the stream to
+/// [`serve_connection`].
 #[derive(Clone, Debug)]
 pub struct ConnContext {
     events: mpsc::Sender<Event>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    permits: Arc<Semaphore>,
+    next_conn: Arc<AtomicU64>,
     /// Held by every connection task: the core waits for all clones to drop on shutdown.
     _alive: mpsc::Sender<()>,
+}
+
+/// A connection admitted under `max_connections`; the slot is freed on drop.
+#[derive(Debug)]
+pub struct Admission {
+    /// The connection's identifier.
+    pub conn: ConnId,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConnContext {
+    /// Takes a connection slot, or `None` at `max_connections` (counted as refused).
+    pub fn admit(&self) -> Option<Admission> {
+        Metrics::add(&self.metrics.connections_accepted, 1);
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(Admission {
+                conn: self.next_conn.fetch_add(1, Ordering::Relaxed) + 1,
+                _permit: permit,
+            }),
+            Err(_) => {
+                Metrics::add(&self.metrics.connections_refused, 1);
+                None
+            }
+        }
+    }
 }
 
 /// A running broker: its addresses and how to stop it.
@@ -96,6 +126,7 @@ pub struct Running {
     pub http_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
+    ctx: ConnContext,
 }
 
 impl Running {
@@ -108,6 +139,11 @@ impl Running {
     /// Waits until the broker has stopped (after a shutdown started elsewhere).
     pub async fn wait(self) {
         let _ = self.done.await;
+    }
+
+    /// The context another listener (QUIC) uses to serve connections into this broker.
+    pub fn context(&self) -> ConnContext {
+        self.ctx.clone()
     }
 
     /// A handle that starts a shutdown.
@@ -149,6 +185,8 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         events: events_tx,
         limits: config.limits.clone(),
         metrics: metrics.clone(),
+        permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        next_conn: Arc::new(AtomicU64::new(0)),
         _alive: alive_tx,
     };
     let core = tokio::spawn(run_core(
@@ -158,13 +196,7 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         config.clone(),
         metrics.clone(),
     ));
-    let accept = tokio::spawn(accept_loop(
-        listener,
-        ctx,
-        shutdown_rx,
-        config.limits.max_connections,
-        metrics,
-    ));
+    let accept = tokio::spawn(accept_loop(listener, ctx.clone(), shutdown_rx));
     let grace = config.shutdown_grace;
     let done = tokio::spawn(async move {
         let _ = accept.await;
@@ -178,18 +210,11 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         http_addr,
         shutdown: shutdown_tx,
         done,
+        ctx,
     })
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    ctx: ConnContext,
-    mut shutdown: watch::Receiver<bool>,
-    max_connections: usize,
-    metrics: Arc<Metrics>,
-) {
-    let permits = Arc::new(Semaphore::new(max_connections));
-    let mut next_conn: ConnId = 0;
+async fn accept_loop(listener: TcpListener, ctx: ConnContext, mut shutdown: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -204,20 +229,16 @@ async fn accept_loop(
                 continue;
             }
         };
-        Metrics::add(&metrics.connections_accepted, 1);
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            Metrics::add(&metrics.connections_refused, 1);
-            tracing::warn!(%peer, max_connections, "connection refused: limit reached");
+        let Some(admission) = ctx.admit() else {
+            tracing::warn!(%peer, max_connections = ctx.limits.max_connections, "connection refused: limit reached");
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        next_conn += 1;
         let ctx = ctx.clone();
-        let conn = next_conn;
         tokio::spawn(async move {
-            serve_connection(stream, peer, conn, ctx).await;
-            drop(permit);
+            serve_connection(stream, peer, admission.conn, ctx).await;
+            drop(admission);
         });
     }
 }
@@ -369,6 +390,119 @@ where
     drop(ctx);
 }
 
+/// Payloads at least this large are written from the shared `Bytes` (vectored write) instead
+/// of being copied into the connection's write buffer.
+const ZERO_COPY_MIN: usize = 1024;
+
+/// The encoded bytes of one batch: small packets coalesced in a buffer, large payloads kept
+/// as the shared `Bytes` the publisher's read produced.
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+    segments: Vec<Bytes>,
+    len: usize,
+}
+
+impl Outbox {
+    fn push(
+        &mut self,
+        packet: Packet,
+        version: ProtocolVersion,
+    ) -> Result<(), mqttd_codec::EncodeError> {
+        let Packet::Publish(mut p) = packet else {
+            let before = self.buf.len();
+            packet.encode(version, &mut self.buf)?;
+            self.len += self.buf.len() - before;
+            return Ok(());
+        };
+        if p.payload.len() < ZERO_COPY_MIN {
+            let before = self.buf.len();
+            Packet::Publish(p).encode(version, &mut self.buf)?;
+            self.len += self.buf.len() - before;
+            return Ok(());
+        }
+        let payload = std::mem::take(&mut p.payload);
+        // Encode everything but the payload, then fix the Remaining Length to include it.
+        let mut head = BytesMut::new();
+        Packet::Publish(p).encode(version, &mut head)?;
+        let (rest_len, varint_len) =
+            read_varint(&head[1..]).ok_or(mqttd_codec::EncodeError::PacketTooLarge(0))?;
+        let total = rest_len + payload.len();
+        if total > 268_435_455 {
+            return Err(mqttd_codec::EncodeError::PacketTooLarge(total));
+        }
+        let before = self.buf.len();
+        self.buf.extend_from_slice(&head[..1]);
+        write_varint(&mut self.buf, total);
+        self.buf.extend_from_slice(&head[1 + varint_len..]);
+        self.len += self.buf.len() - before + payload.len();
+        self.segments.push(self.buf.split().freeze());
+        self.segments.push(payload);
+        Ok(())
+    }
+
+    /// Writes everything, vectored; returns the byte count.
+    async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<usize> {
+        if !self.buf.is_empty() {
+            self.segments.push(self.buf.split().freeze());
+        }
+        let written = self.len;
+        let mut first = 0;
+        while first < self.segments.len() {
+            let slices: Vec<std::io::IoSlice<'_>> = self.segments[first..]
+                .iter()
+                .take(64)
+                .map(|b| std::io::IoSlice::new(b))
+                .collect();
+            let mut n = wr.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let seg = &mut self.segments[first];
+                if n >= seg.len() {
+                    n -= seg.len();
+                    first += 1;
+                } else {
+                    seg.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        self.segments.clear();
+        self.len = 0;
+        if self.buf.capacity() > 1 << 20 {
+            self.buf = BytesMut::with_capacity(16 * 1024);
+        }
+        Ok(written)
+    }
+}
+
+fn read_varint(b: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (i, byte) in b.iter().take(4).enumerate() {
+        value |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+fn write_varint(buf: &mut BytesMut, mut v: usize) {
+    loop {
+        let mut byte = (v % 128) as u8;
+        v /= 128;
+        if v > 0 {
+            byte |= 0x80;
+        }
+        buf.extend_from_slice(&[byte]);
+        if v == 0 {
+            break;
+        }
+    }
+}
+
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<Transmit>,
@@ -377,7 +511,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     events: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
 ) {
-    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut out = Outbox::default();
     let mut batch = Vec::with_capacity(64);
     loop {
         if rx.recv_many(&mut batch, 64).await == 0 {
@@ -391,7 +525,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     if matches!(p, Packet::Publish(_)) {
                         publishes += 1;
                     }
-                    if let Err(e) = p.encode(version, &mut out) {
+                    if let Err(e) = out.push(p, version) {
                         tracing::warn!(conn, error = %e, "cannot encode packet");
                     }
                 }
@@ -401,15 +535,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
             }
         }
-        if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
-                break;
-            }
-            Metrics::add(&metrics.bytes_sent, out.len() as u64);
-            out.clear();
-            if out.capacity() > 1 << 20 {
-                out = BytesMut::with_capacity(16 * 1024);
-            }
+        match out.write_to(&mut wr).await {
+            Ok(n) => Metrics::add(&metrics.bytes_sent, n as u64),
+            Err(_) => break,
         }
         if publishes > 0
             && events
@@ -550,6 +678,58 @@ fn dispatch(broker: &mut Broker<MemoryStore>, handles: &mut HashMap<ConnId, Hand
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 handles.remove(&conn);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqttd_codec::{Publish, QoS, Topic, decode};
+
+    #[tokio::test]
+    async fn large_payloads_are_written_from_shared_bytes_and_decode_the_same() {
+        let payload = Bytes::from(vec![7u8; 200_000]);
+        let mut p = Publish::new(
+            Topic::new("big/t").expect("topic"),
+            QoS::AtLeastOnce,
+            std::num::NonZeroU16::new(3),
+            payload.clone(),
+        );
+        p.properties.user_properties = vec![mqttd_codec::UserProperty::new(
+            mqttd_codec::MqttString::from_static("k").expect("k"),
+            mqttd_codec::MqttString::from_static("v").expect("v"),
+        )]
+        .into();
+        let small = Publish::new(
+            Topic::new("s").expect("topic"),
+            QoS::AtMostOnce,
+            None,
+            Bytes::from_static(b"x"),
+        );
+        for version in [ProtocolVersion::V3_1_1, ProtocolVersion::V5] {
+            let mut out = Outbox::default();
+            out.push(Packet::Publish(small.clone()), version)
+                .expect("encode");
+            out.push(Packet::Publish(p.clone()), version)
+                .expect("encode");
+            out.push(Packet::PingResp, version).expect("encode");
+            // The payload segment is the publisher's buffer, not a copy.
+            assert!(out.segments.iter().any(|s| s.as_ptr() == payload.as_ptr()));
+            let mut wire = Vec::new();
+            let n = out.write_to(&mut wire).await.expect("write");
+            assert_eq!(n, wire.len());
+            let mut buf = BytesMut::from(&wire[..]);
+            let got: Vec<Packet> =
+                std::iter::from_fn(|| decode(&mut buf, version, 1 << 20).expect("valid")).collect();
+            let mut want = p.clone();
+            if !version.is_v5() {
+                want.properties = Default::default();
+            }
+            assert_eq!(got.len(), 3);
+            assert!(matches!(&got[0], Packet::Publish(x) if x.payload[..] == b"x"[..]));
+            assert_eq!(got[1], Packet::Publish(want));
+            assert_eq!(got[2], Packet::PingResp);
         }
     }
 }

@@ -305,6 +305,25 @@ impl Side {
         version: u32,
         tick: u64,
     ) -> Box<Side> {
+        Self::client_with_cids(
+            config,
+            server_name,
+            version,
+            random_cid(18),
+            random_cid(16),
+            tick,
+        )
+    }
+
+    /// A client with the given initial destination and source connection IDs.
+    pub fn client_with_cids(
+        config: &ClientConfig,
+        server_name: &str,
+        version: u32,
+        dcid: ngtcp2_cid,
+        scid: ngtcp2_cid,
+        tick: u64,
+    ) -> Box<Side> {
         let tls = TlsSession::client(config, server_name).unwrap();
         let mut side = Box::new(Side {
             conn: ptr::null_mut(),
@@ -317,8 +336,6 @@ impl Side {
             outgoing: Vec::new(),
         });
         let path = side.path();
-        let dcid = random_cid(18);
-        let scid = random_cid(16);
         let user: *mut Side = &mut *side;
         // SAFETY: all inputs are live and initialised; ngtcp2 copies them. user stays valid
         // (boxed) for the connection's life.

@@ -174,3 +174,94 @@ async fn keep_alive_timeout_closes_silent_client() {
         "{seen:?}"
     );
 }
+
+#[tokio::test]
+async fn oversized_packet_after_connect_gets_0x95() {
+    let broker = Mqttd::start(&["--max-packet-size", "1024"]);
+    let (mut raw, ack) = Raw::connect(
+        broker.port(),
+        Connect::new(ProtocolVersion::V5, mstr("big"), 30),
+    )
+    .await;
+    assert_eq!(ack.properties.maximum_packet_size, Some(1024));
+    // A PUBLISH header announcing 1 MiB: refused from the header alone.
+    raw.send_bytes(&[0x30, 0x80, 0x80, 0x40]).await;
+    let seen = closed_within(&mut raw, Duration::from_secs(2), "oversized PUBLISH").await;
+    assert!(
+        matches!(seen.last(), Some(Packet::Disconnect(d)) if d.reason_code == ReasonCode::PacketTooLarge),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn slow_subscriber_overflows_by_policy_and_never_blocks_others() {
+    let broker = Mqttd::start(&["--connection-buffer", "16", "--max-queued-messages", "32"]);
+    let port = broker.port();
+    // The slow one subscribes and then never reads.
+    let (mut slow, _) =
+        Raw::connect(port, Connect::new(ProtocolVersion::V5, mstr("slow"), 0)).await;
+    slow.send(Packet::Subscribe(mqttd_codec::Subscribe {
+        packet_id: mqttd_codec::PacketId::new(1).expect("non-zero"),
+        filters: vec![mqttd_codec::SubscribeFilter {
+            filter: mqttd_codec::TopicFilter::new("flood/#").expect("filter"),
+            options: mqttd_codec::SubscriptionOptions::qos(mqttd_codec::QoS::AtMostOnce),
+        }],
+        properties: Default::default(),
+    }))
+    .await;
+    assert!(matches!(slow.recv().await, Some(Packet::SubAck(_))));
+    let mut fast = v4(port, "fast", true, None).await;
+    fast.client
+        .subscribe("flood/end", rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    fast.suback().await;
+    let publisher = v4(port, "flooder", true, None).await;
+    // 40 MB of QoS 0 towards a reader that never reads: far more than socket buffers hold.
+    let payload = vec![b'x'; 16 * 1024];
+    for _ in 0..2500 {
+        publisher
+            .client
+            .publish(
+                "flood/data",
+                rumqttc::QoS::AtMostOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .expect("publish");
+    }
+    publisher
+        .client
+        .publish("flood/end", rumqttc::QoS::AtLeastOnce, false, "end")
+        .await
+        .expect("publish");
+    // The router was never blocked: the fast subscriber gets the marker.
+    let p = fast.next_publish().await;
+    assert_eq!(&p.payload[..], b"end");
+    // And the drops were counted.
+    let http = broker.http.expect("http");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = tokio::net::TcpStream::connect(http)
+            .await
+            .expect("connect http");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("read");
+        let dropped: u64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix("mqttd_messages_dropped_qos0_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("dropped counter");
+        if dropped > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no drop counted: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(slow);
+}

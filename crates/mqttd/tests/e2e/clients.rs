@@ -18,6 +18,8 @@ pub async fn v4(port: u16, id: &str, clean: bool, will: Option<rumqttc::LastWill
     let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
     opts.set_clean_session(clean);
     opts.set_keep_alive(Duration::from_secs(30));
+    // rumqttc's default is 10 KiB; the broker's is 1 MiB.
+    opts.set_max_packet_size(1 << 20, 1 << 20);
     if let Some(w) = will {
         opts.set_last_will(w);
     }
@@ -400,4 +402,35 @@ async fn thousand_concurrent_clients_publish_and_receive() {
         );
     }
     assert_eq!(clients.len(), N);
+}
+
+#[tokio::test]
+async fn large_payload_fans_out_intact() {
+    let broker = Mqttd::start(&[]);
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let mut s = v4(broker.port(), &format!("big-sub-{i}"), true, None).await;
+        s.client
+            .subscribe("big/t", rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        s.suback().await;
+        subs.push(s);
+    }
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let publisher = v4(broker.port(), "big-pub", true, None).await;
+    publisher
+        .client
+        .publish("big/t", rumqttc::QoS::AtLeastOnce, false, payload.clone())
+        .await
+        .expect("publish");
+    publisher
+        .client
+        .publish("big/t", rumqttc::QoS::AtMostOnce, false, "small")
+        .await
+        .expect("publish");
+    for s in &mut subs {
+        assert_eq!(&s.next_publish().await.payload[..], &payload[..]);
+        assert_eq!(&s.next_publish().await.payload[..], b"small");
+    }
 }

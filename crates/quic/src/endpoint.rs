@@ -83,6 +83,8 @@ pub(crate) struct EndpointInner {
     /// Notified when the socket was replaced (the receive task restarts on the new one).
     rebound: Notify,
     stats: EndpointStats,
+    /// The last user handle is gone: the receive task may stop once connections drained.
+    dropped: std::sync::atomic::AtomicBool,
 }
 
 /// Counters of what the endpoint did with packets that matched no connection.
@@ -553,9 +555,11 @@ fn normalize(addr: SocketAddr) -> SocketAddr {
 }
 
 impl EndpointInner {
+    /// The receive task may stop: nobody can use the endpoint and every connection drained.
+    /// A closed endpoint that still has users keeps answering (refusing new connections).
     fn is_finished(&self) -> bool {
         let t = self.table();
-        t.closing && t.conns.is_empty()
+        t.closing && t.conns.is_empty() && self.dropped.load(Ordering::Acquire)
     }
 }
 
@@ -583,7 +587,9 @@ struct EndpointHandle(Arc<EndpointInner>);
 
 impl Drop for EndpointHandle {
     fn drop(&mut self) {
+        self.0.dropped.store(true, Ordering::Release);
         self.0.close_all(0, b"endpoint dropped");
+        self.0.idle.notify_waiters();
     }
 }
 
@@ -619,6 +625,7 @@ impl Endpoint {
             idle: Notify::new(),
             rebound: Notify::new(),
             stats: EndpointStats::default(),
+            dropped: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(recv_loop(inner.clone(), inner.socket()));
         Ok(Endpoint {

@@ -1,0 +1,258 @@
+//! Retry, QUIC v2, key update, BBR, stream reset / STOP_SENDING codes, close codes, endpoint
+//! shutdown; against our own stack and quinn.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use mqttd_quic::{CongestionControl, ConnectionError, Endpoint, StreamError, Version};
+use support::{Pki, Rng, sha256, spawn_echo, spawn_quinn_echo};
+use tokio::time::timeout;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+async fn echo(conn: &mqttd_quic::Connection, payload: Vec<u8>) -> Vec<u8> {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let writer = tokio::spawn(async move {
+        send.write_all(&payload).await.expect("write");
+        send.finish().expect("finish");
+    });
+    let got = recv.read_to_end(64 << 20).await.expect("read");
+    writer.await.expect("writer");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_retry_works_for_our_client_and_quinn() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let mut cfg = pki.server_config();
+        cfg.retry = true;
+        let server = Endpoint::server(cfg, localhost()).expect("server");
+        let addr = server.local_addr();
+        spawn_echo(server.clone());
+
+        let client = Endpoint::client(localhost()).expect("client");
+        let conn = client
+            .connect(&pki.client_config(), addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake through Retry");
+        assert_eq!(echo(&conn, b"retry".to_vec()).await, b"retry");
+
+        let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
+        q.set_default_client_config(pki.quinn_client_config());
+        let qc = q
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("quinn through Retry");
+        let (mut s, mut r) = qc.open_bi().await.expect("open");
+        s.write_all(b"quinn retry").await.expect("write");
+        s.finish().expect("finish");
+        assert_eq!(r.read_to_end(100).await.expect("read"), b"quinn retry");
+        assert!(server.stats().retries.load(Ordering::Relaxed) >= 2);
+        qc.close(0u32.into(), b"");
+        conn.close(0, b"");
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_v2_key_update_and_bbr() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let mut cfg = pki.server_config();
+        let mut t = support::transport();
+        t.versions = vec![Version::V2, Version::V1];
+        cfg.transport = Arc::new(t);
+        let server = Endpoint::server(cfg, localhost()).expect("server");
+        let addr = server.local_addr();
+        spawn_echo(server.clone());
+
+        let client = Endpoint::client(localhost()).expect("client");
+        let mut cc = pki.client_config();
+        let mut t = support::transport();
+        t.versions = vec![Version::V2];
+        t.congestion_control = CongestionControl::Bbr;
+        cc.transport = Arc::new(t);
+        let conn = client
+            .connect(&cc, addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("v2 handshake");
+        assert_eq!(conn.version(), Version::V2.wire());
+        let payload = Rng(3).bytes(2 << 20);
+        assert!(echo(&conn, payload.clone()).await == payload);
+        // Key update once the handshake is confirmed (after the first round trips).
+        let mut updated = false;
+        for _ in 0..50 {
+            if conn.initiate_key_update() {
+                updated = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(updated, "key update never allowed");
+        let payload = Rng(4).bytes(2 << 20);
+        assert!(
+            echo(&conn, payload.clone()).await == payload,
+            "data after key update"
+        );
+        conn.close(0, b"");
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_update_with_quinn() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server =
+            quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("quinn");
+        let addr = server.local_addr().expect("addr");
+        spawn_quinn_echo(server.clone());
+        let client = Endpoint::client(localhost()).expect("client");
+        let conn = client
+            .connect(&pki.client_config(), addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let payload = Rng(5).bytes(1 << 20);
+        assert!(echo(&conn, payload.clone()).await == payload);
+        let mut updated = false;
+        for _ in 0..50 {
+            if conn.initiate_key_update() {
+                updated = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(updated, "key update never allowed");
+        let payload = Rng(6).bytes(4 << 20);
+        let got = echo(&conn, payload.clone()).await;
+        assert_eq!(
+            sha256(&got),
+            sha256(&payload),
+            "data after key update with quinn"
+        );
+        conn.close(0, b"");
+        server.close(0u32.into(), b"");
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_stop_sending_and_close_codes_reach_quinn() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = Endpoint::server(pki.server_config(), localhost()).expect("server");
+        let addr = server.local_addr();
+        let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
+        q.set_default_client_config(pki.quinn_client_config());
+        let qconn = q.connect(addr, "localhost").expect("connect");
+        let ours = server.accept().await.expect("incoming");
+        let (qconn, ours) = tokio::join!(qconn, ours);
+        let (qconn, ours) = (qconn.expect("quinn"), ours.expect("ours"));
+
+        // Our RESET_STREAM code reaches quinn's reader.
+        let (mut s, _r) = ours.open_bi().await.expect("open");
+        s.write_all(b"partial").await.expect("write");
+        s.reset(77).expect("reset");
+        let (_qs, mut qr) = qconn.accept_bi().await.expect("accept");
+        let err = qr.read_to_end(1000).await.expect_err("reset must surface");
+        assert!(format!("{err:?}").contains("77"), "quinn saw {err:?}");
+
+        // quinn's STOP_SENDING code reaches our writer.
+        let (mut s2, _r2) = ours.open_bi().await.expect("open");
+        s2.write_all(b"x").await.expect("write");
+        let (_qs2, mut qr2) = qconn.accept_bi().await.expect("accept");
+        qr2.stop(88u32.into()).expect("stop");
+        assert_eq!(s2.stopped().await, Some(88));
+        let mut err = None;
+        for _ in 0..100 {
+            match s2.write(b"more").await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        assert_eq!(err, Some(StreamError::Stopped(88)));
+
+        // quinn's RESET_STREAM code reaches our reader.
+        let (mut qs3, _qr3) = qconn.open_bi().await.expect("open");
+        qs3.write_all(b"y").await.expect("write");
+        qs3.reset(99u32.into()).expect("reset");
+        let (_s3, mut r3) = ours.accept_bi().await.expect("accept");
+        let e = r3.read_to_end(100).await.expect_err("reset");
+        assert!(
+            matches!(
+                e,
+                mqttd_quic::ReadToEndError::Stream(StreamError::Reset(99))
+            ),
+            "{e:?}"
+        );
+
+        // Our application close code reaches quinn.
+        ours.close(4242, b"bye");
+        match qconn.closed().await {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(u64::from(c.error_code), 4242);
+                assert_eq!(&c.reason[..], b"bye");
+            }
+            other => panic!("quinn saw {other:?}"),
+        }
+        assert_eq!(ours.closed().await, ConnectionError::LocallyClosed);
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_close_and_wait_idle_reach_quinn() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = Endpoint::server(pki.server_config(), localhost()).expect("server");
+        let addr = server.local_addr();
+        spawn_echo(server.clone());
+        let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
+        q.set_default_client_config(pki.quinn_client_config());
+        let mut conns = Vec::new();
+        for _ in 0..5 {
+            conns.push(
+                q.connect(addr, "localhost")
+                    .expect("connect")
+                    .await
+                    .expect("handshake"),
+            );
+        }
+        server.close(9, b"shutdown");
+        for c in &conns {
+            match c.closed().await {
+                quinn::ConnectionError::ApplicationClosed(a) => {
+                    assert_eq!(u64::from(a.error_code), 9)
+                }
+                other => panic!("quinn saw {other:?}"),
+            }
+        }
+        server.wait_idle().await;
+        assert_eq!(server.open_connections(), 0);
+        // A closed endpoint refuses new connections.
+        let refused = q.connect(addr, "localhost").expect("connect").await;
+        assert!(refused.is_err(), "closed endpoint accepted a connection");
+    })
+    .await
+    .expect("timed out");
+}

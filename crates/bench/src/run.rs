@@ -1,0 +1,474 @@
+//! Runs a [`Plan`]: connects every client (paced by the connect rate and concurrency), starts
+//! all publishers at once when every subscriber holds its subscription, stops by duration or
+//! count, drains, and builds the [`Summary`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, sleep_until};
+
+use crate::accounting::{Percentiles, Receipts, new_histogram};
+use crate::cli::{ConnectOpts, OutputOpts};
+use crate::client::{
+    Conn, Counters, PubOutcome, SubOutcome, hold_idle, run_publisher, run_subscriber,
+};
+use crate::payload::PublishTemplate;
+use crate::plan::{Kind, Plan};
+use crate::procstat::{Proc, Sample, cpu_percent};
+use crate::report::{BrokerUsage, Summary, progress};
+use crate::transport::Transport;
+
+/// Spaces connection attempts by the connect rate and bounds how many are in progress.
+#[derive(Clone)]
+struct Pacer {
+    t0: Instant,
+    rate: u32,
+    slots: Arc<Semaphore>,
+}
+
+impl Pacer {
+    fn new(opts: &ConnectOpts) -> Self {
+        Self {
+            t0: Instant::now(),
+            rate: opts.connect_rate,
+            slots: Arc::new(Semaphore::new(opts.connect_concurrency.max(1))),
+        }
+    }
+
+    /// Waits for the `k`-th client's turn.
+    async fn admit(&self, k: u64) -> Option<OwnedSemaphorePermit> {
+        if self.rate > 0 {
+            sleep_until(self.t0 + Duration::from_secs_f64(k as f64 / f64::from(self.rate))).await;
+        }
+        self.slots.clone().acquire_owned().await.ok()
+    }
+}
+
+/// Everything a client task needs to connect.
+#[derive(Clone)]
+struct Dial<T: Transport> {
+    transport: T,
+    addr: SocketAddr,
+    opts: ConnectOpts,
+    pacer: Pacer,
+    counters: Arc<Counters>,
+}
+
+impl<T: Transport> Dial<T> {
+    /// Connects client number `k` (for pacing) named `role-n`; returns the connection and the
+    /// time from the attempt to its CONNACK.
+    async fn connect(&self, k: u64, role: &str, n: u32) -> Result<(Conn<T>, Duration)> {
+        let permit = self.pacer.admit(k).await;
+        let began = Instant::now();
+        let id = format!("{}-{role}-{n}", self.opts.client_id_prefix);
+        let conn = Conn::connect(
+            &self.transport,
+            self.addr,
+            self.opts.mqtt.protocol(),
+            &id,
+            self.opts.keep_alive,
+        )
+        .await?;
+        drop(permit);
+        self.counters.connected.fetch_add(1, Relaxed);
+        Ok((conn, began.elapsed()))
+    }
+}
+
+/// Resolves the broker address.
+async fn resolve(opts: &ConnectOpts) -> Result<SocketAddr> {
+    tokio::net::lookup_host((opts.host.as_str(), opts.port))
+        .await
+        .with_context(|| format!("cannot resolve {}", opts.host))?
+        .next()
+        .ok_or_else(|| anyhow!("{} resolves to no address", opts.host))
+}
+
+/// Runs `plan` over `transport`.
+pub async fn run<T: Transport>(
+    transport: T,
+    plan: Plan,
+    connect: ConnectOpts,
+    output: OutputOpts,
+) -> Result<Summary> {
+    let addr = resolve(&connect).await?;
+    let counters = Arc::new(Counters::default());
+    let broker = output.broker_pid.map(Proc::Pid);
+    if let (Some(pid), Some(b)) = (output.broker_pid, broker) {
+        b.sample()
+            .ok_or_else(|| anyhow!("--broker-pid {pid}: cannot read /proc/{pid}"))?;
+    }
+    let (stop_progress, stop_progress_rx) = watch::channel(false);
+    let ticker = tokio::spawn(progress(
+        counters.clone(),
+        Duration::from_millis(output.interval_ms),
+        output.json,
+        broker,
+        stop_progress_rx,
+    ));
+    let dial = Dial {
+        transport,
+        addr,
+        opts: connect.clone(),
+        pacer: Pacer::new(&connect),
+        counters: counters.clone(),
+    };
+    let mut summary = match plan.kind {
+        Kind::Messages => run_messages(dial, &plan, broker).await?,
+        Kind::Idle { clients } => run_idle(dial, &plan, clients, broker).await?,
+    };
+    let _ = stop_progress.send(true);
+    let rss_max = ticker.await.unwrap_or(0);
+    if let Some(b) = summary.broker.as_mut() {
+        b.rss_max_kib = b.rss_max_kib.max(rss_max);
+    }
+    summary.kind = "summary";
+    summary.scenario = plan.scenario.clone();
+    summary.transport = "tcp";
+    summary.mqtt = connect.mqtt.label();
+    summary.qos = plan.load.qos as u8;
+    Ok(summary)
+}
+
+fn usage(pid: Option<Proc>, from: Option<Sample>, to: Option<Sample>) -> Option<BrokerUsage> {
+    let (Some(Proc::Pid(pid)), Some(from), Some(to)) = (pid, from, to) else {
+        return None;
+    };
+    Some(BrokerUsage {
+        pid,
+        cpu_pct: cpu_percent(&from, &to),
+        rss_start_kib: from.rss_kib,
+        rss_end_kib: to.rss_kib,
+        rss_max_kib: from.rss_kib.max(to.rss_kib),
+        rss_per_conn_bytes: None,
+    })
+}
+
+fn bench_cpu(from: Option<Sample>, to: Option<Sample>) -> f64 {
+    match (from, to) {
+        (Some(a), Some(b)) => cpu_percent(&a, &b),
+        _ => 0.0,
+    }
+}
+
+/// Collects connect results: the CONNACK latencies and the errors.
+struct Readiness {
+    latency: hdrhistogram::Histogram<u64>,
+    ok: u64,
+    errors: Vec<String>,
+}
+
+async fn await_ready(rx: &mut mpsc::Receiver<Result<Duration, String>>, n: usize) -> Readiness {
+    let mut r = Readiness {
+        latency: new_histogram(),
+        ok: 0,
+        errors: Vec::new(),
+    };
+    for _ in 0..n {
+        match rx.recv().await {
+            Some(Ok(d)) => {
+                r.ok += 1;
+                r.latency.saturating_record((d.as_micros() as u64).max(1));
+            }
+            Some(Err(e)) => r.errors.push(e),
+            None => break,
+        }
+    }
+    r
+}
+
+async fn run_messages<T: Transport>(
+    dial: Dial<T>,
+    plan: &Plan,
+    broker: Option<Proc>,
+) -> Result<Summary> {
+    let load = plan.load.clone();
+    let version = dial.opts.mqtt.protocol();
+    let templates = plan
+        .publishers
+        .iter()
+        .map(|p| PublishTemplate::new(p.topic.clone(), load.qos, load.size, version))
+        .collect::<Result<Vec<_>>>()?;
+    let n_clients = plan.publishers.len() + plan.subscribers.len();
+    let (ready_tx, mut ready_rx) = mpsc::channel(n_clients.max(1));
+    let (start_tx, start_rx) = watch::channel(None::<Instant>);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let connect_began = Instant::now();
+
+    let mut subs: Vec<JoinHandle<SubOutcome>> = Vec::new();
+    for (i, spec) in plan.subscribers.iter().enumerate() {
+        let (dial, ready, stop, filter, qos) = (
+            dial.clone(),
+            ready_tx.clone(),
+            stop_rx.clone(),
+            spec.filter.clone(),
+            load.qos,
+        );
+        subs.push(tokio::spawn(async move {
+            let attempt = async {
+                let (mut conn, took) = dial.connect(i as u64, "sub", i as u32 + 1).await?;
+                conn.subscribe(filter, qos).await?;
+                Ok::<_, anyhow::Error>((conn, took))
+            };
+            match attempt.await {
+                Ok((conn, took)) => {
+                    let _ = ready.send(Ok(took)).await;
+                    run_subscriber(conn, i as u32, stop, &dial.counters).await
+                }
+                Err(e) => {
+                    let msg = format!("subscriber {}: {e:#}", i + 1);
+                    let _ = ready.send(Err(msg.clone())).await;
+                    SubOutcome {
+                        error: Some(msg),
+                        ..SubOutcome::default()
+                    }
+                }
+            }
+        }));
+    }
+    let mut pubs: Vec<JoinHandle<PubOutcome>> = Vec::new();
+    for (i, template) in templates.into_iter().enumerate() {
+        let (dial, ready, mut start, stop, load) = (
+            dial.clone(),
+            ready_tx.clone(),
+            start_rx.clone(),
+            stop_rx.clone(),
+            load.clone(),
+        );
+        let k = (plan.subscribers.len() + i) as u64;
+        pubs.push(tokio::spawn(async move {
+            let conn = match dial.connect(k, "pub", i as u32 + 1).await {
+                Ok((conn, took)) => {
+                    let _ = ready.send(Ok(took)).await;
+                    conn
+                }
+                Err(e) => {
+                    let msg = format!("publisher {}: {e:#}", i + 1);
+                    let _ = ready.send(Err(msg.clone())).await;
+                    return PubOutcome {
+                        error: Some(msg),
+                        ..PubOutcome::default()
+                    };
+                }
+            };
+            let began = match start.wait_for(Option::is_some).await {
+                Ok(v) => *v,
+                Err(_) => None,
+            };
+            match began {
+                Some(began) if !*stop.borrow() => {
+                    run_publisher(conn, i as u32, template, load, began, &dial.counters).await
+                }
+                _ => {
+                    conn.disconnect().await;
+                    PubOutcome::default()
+                }
+            }
+        }));
+    }
+    drop(ready_tx);
+
+    let ready = await_ready(&mut ready_rx, n_clients).await;
+    let connected_at = Instant::now();
+    let broker_from = broker.and_then(Proc::sample);
+    let self_from = Proc::Current.sample();
+    let start = Instant::now();
+    if !ready.errors.is_empty() {
+        // Without every client the counts mean nothing: stop everyone and report the failure.
+        let _ = stop_tx.send(true);
+    }
+    let _ = start_tx.send(Some(start));
+
+    let mut pub_results = Vec::with_capacity(pubs.len());
+    for h in pubs {
+        pub_results.push(h.await.unwrap_or_else(|e| PubOutcome {
+            error: Some(format!("publisher task failed: {e}")),
+            ..PubOutcome::default()
+        }));
+    }
+    let sent: Vec<u64> = pub_results.iter().map(|p| p.sent).collect();
+
+    // Deliveries still under way: wait until every expected one arrived, or nothing arrived for
+    // a second, or the drain time is over. `sub` alone listens for its duration or count.
+    let all_known = plan.subscribers.iter().all(|s| s.expects.is_some());
+    let expected: Option<u64> = all_known.then(|| {
+        plan.subscribers
+            .iter()
+            .flat_map(|s| s.expects.iter().flatten())
+            .map(|&p| sent.get(p as usize).copied().unwrap_or(0))
+            .sum()
+    });
+    if ready.errors.is_empty() && !plan.subscribers.is_empty() {
+        if plan.publishers.is_empty() {
+            let until = start + load.duration;
+            while Instant::now() < until
+                && plan
+                    .receive_count
+                    .is_none_or(|c| dial.counters.received.load(Relaxed) < c)
+            {
+                sleep(Duration::from_millis(10)).await;
+            }
+        } else {
+            let until = Instant::now() + load.drain;
+            let mut last = dial.counters.received.load(Relaxed);
+            let mut last_change = Instant::now();
+            loop {
+                let now = Instant::now();
+                let got = dial.counters.received.load(Relaxed);
+                if got != last {
+                    (last, last_change) = (got, now);
+                }
+                let complete = expected.is_some_and(|e| got >= e);
+                if complete || now >= until || now >= last_change + Duration::from_secs(1) {
+                    break;
+                }
+                sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    let broker_to = broker.and_then(Proc::sample);
+    let self_to = Proc::Current.sample();
+    let _ = stop_tx.send(true);
+    let mut sub_results = Vec::with_capacity(subs.len());
+    for h in subs {
+        sub_results.push(h.await.unwrap_or_else(|e| SubOutcome {
+            error: Some(format!("subscriber task failed: {e}")),
+            ..SubOutcome::default()
+        }));
+    }
+
+    let mut total = Receipts::new();
+    let mut lost = 0u64;
+    let mut unique = 0u64;
+    for (spec, out) in plan.subscribers.iter().zip(&sub_results) {
+        total.merge_counts(&out.receipts);
+        unique += out.receipts.unique();
+        lost += match &spec.expects {
+            Some(from) => out.receipts.lost(from, &sent),
+            None => out.receipts.gaps(),
+        };
+    }
+    let mut errors: Vec<String> = ready.errors;
+    for e in pub_results.iter().filter_map(|p| p.error.clone()) {
+        if !errors.contains(&e) {
+            errors.push(e);
+        }
+    }
+    for e in sub_results.iter().filter_map(|s| s.error.clone()) {
+        if !errors.contains(&e) {
+            errors.push(e);
+        }
+    }
+    let last_send = pub_results.iter().filter_map(|p| p.last_send).max();
+    let last_recv = sub_results.iter().filter_map(|s| s.last_recv).max();
+    let secs_since = |t: Option<Instant>| t.map_or(0.0, |t| t.duration_since(start).as_secs_f64());
+    let pub_secs = secs_since(last_send);
+    let recv_secs = secs_since(last_recv);
+    let sent_total: u64 = sent.iter().sum();
+    let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    let connect_secs = connected_at.duration_since(connect_began).as_secs_f64();
+
+    Ok(Summary {
+        publishers: plan.publishers.len(),
+        subscribers: plan.subscribers.len(),
+        payload_bytes: load.size,
+        rate_per_publisher: load.rate,
+        duration_secs: pub_secs,
+        connected: ready.ok,
+        connect_failures: (n_clients as u64).saturating_sub(ready.ok),
+        connect_rate: rate(ready.ok, connect_secs),
+        connect_latency_us: Percentiles::of(&ready.latency),
+        sent: sent_total,
+        acked: pub_results.iter().map(|p| p.acked).sum(),
+        rejected: pub_results.iter().map(|p| p.rejected).sum(),
+        expected,
+        received: total.received,
+        unique,
+        lost,
+        duplicates: total.duplicates,
+        foreign: total.foreign,
+        sent_rate: rate(sent_total, pub_secs),
+        recv_rate: rate(total.received, recv_secs),
+        latency_us: Percentiles::of(&total.latency_us),
+        broker: usage(broker, broker_from, broker_to),
+        bench_cpu_pct: bench_cpu(self_from, self_to),
+        errors: errors.len() as u64,
+        first_error: errors.into_iter().next(),
+        ..Summary::default()
+    })
+}
+
+async fn run_idle<T: Transport>(
+    dial: Dial<T>,
+    plan: &Plan,
+    clients: u32,
+    broker: Option<Proc>,
+) -> Result<Summary> {
+    let broker_before = broker.and_then(Proc::sample);
+    let self_from = Proc::Current.sample();
+    let (ready_tx, mut ready_rx) = mpsc::channel(clients.max(1) as usize);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let began = Instant::now();
+    let mut tasks: Vec<JoinHandle<Option<String>>> = Vec::with_capacity(clients as usize);
+    for i in 0..clients {
+        let (dial, ready, stop) = (dial.clone(), ready_tx.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            match dial.connect(u64::from(i), "conn", i + 1).await {
+                Ok((conn, took)) => {
+                    let _ = ready.send(Ok(took)).await;
+                    hold_idle(conn, stop).await
+                }
+                Err(e) => {
+                    let msg = format!("client {}: {e:#}", i + 1);
+                    let _ = ready.send(Err(msg.clone())).await;
+                    Some(msg)
+                }
+            }
+        }));
+    }
+    drop(ready_tx);
+    let ready = await_ready(&mut ready_rx, clients as usize).await;
+    let connect_secs = began.elapsed().as_secs_f64();
+    // Let the broker settle before reading its memory, then hold for the rest of the duration.
+    let hold = plan.load.duration;
+    let settle = hold.min(Duration::from_secs(1));
+    sleep(settle).await;
+    let broker_held = broker.and_then(Proc::sample);
+    sleep(hold - settle).await;
+    let self_to = Proc::Current.sample();
+    let _ = stop_tx.send(true);
+    let mut errors = ready.errors;
+    for t in tasks {
+        if let Ok(Some(e)) = t.await
+            && !errors.contains(&e)
+        {
+            errors.push(e);
+        }
+    }
+    let mut usage = usage(broker, broker_before, broker_held);
+    if let (Some(u), true) = (usage.as_mut(), ready.ok > 0) {
+        let grown = u.rss_end_kib.saturating_sub(u.rss_start_kib) as f64 * 1024.0;
+        u.rss_per_conn_bytes = Some(grown / ready.ok as f64);
+    }
+    Ok(Summary {
+        duration_secs: hold.as_secs_f64(),
+        connected: ready.ok,
+        connect_failures: u64::from(clients).saturating_sub(ready.ok),
+        connect_rate: if connect_secs > 0.0 {
+            ready.ok as f64 / connect_secs
+        } else {
+            0.0
+        },
+        connect_latency_us: Percentiles::of(&ready.latency),
+        broker: usage,
+        bench_cpu_pct: bench_cpu(self_from, self_to),
+        errors: errors.len() as u64,
+        first_error: errors.into_iter().next(),
+        ..Summary::default()
+    })
+}

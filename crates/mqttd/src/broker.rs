@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqttd_codec::{
-    ConnAck, ConnAckProperties, Connect, Disconnect, MqttString, Packet, PacketId, ProtocolVersion,
-    PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS, ReasonCode, RetainHandling,
-    SubAck, Subscribe, Topic, UnsubAck, Unsubscribe,
+    ConnAck, ConnAckProperties, Connect, Disconnect, MqttString, Packet, PacketId, PayloadFormat,
+    ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS, ReasonCode,
+    RetainHandling, SubAck, Subscribe, Topic, UnsubAck, Unsubscribe,
 };
 
 use crate::config::{Anonymous, Limits};
@@ -636,6 +636,9 @@ impl<S: Store> Broker<S> {
         }
         // Clients may not publish into the broker's own `$SYS` tree.
         let denied = p.topic.as_str().starts_with("$SYS/") || p.topic.as_str() == "$SYS";
+        // A payload declared UTF-8 that is not (5.0 section 3.3.2.3.2): refused, not forwarded.
+        let bad_format = p.properties.payload_format_indicator == Some(PayloadFormat::Utf8)
+            && std::str::from_utf8(&p.payload).is_err();
         let mut properties = p.properties;
         let expires_at = Message::expiry_from(properties.message_expiry_interval.take(), now);
         properties.subscription_identifiers.clear();
@@ -648,13 +651,15 @@ impl<S: Store> Broker<S> {
             expires_at,
             publisher: Some(client_id.clone()),
         });
-        let matched = if denied {
+        let matched = if denied || bad_format {
             0
         } else {
             self.publish(message, now)
         };
         let reason = if denied {
             ReasonCode::NotAuthorized
+        } else if bad_format {
+            ReasonCode::PayloadFormatInvalid
         } else if matched == 0 && v5 {
             ReasonCode::NoMatchingSubscribers
         } else {

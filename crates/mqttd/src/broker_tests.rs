@@ -1063,3 +1063,24 @@ fn sessions_and_retained_are_restored_from_the_store() {
     assert_eq!(payloads(&t), vec!["queued"]);
     assert_eq!(b.retained.len(), 1);
 }
+
+#[test]
+fn payload_format_invalid_is_refused() {
+    let mut h = H::new();
+    h.connect(1, connect(V5, "s"));
+    h.send(1, sub(1, "t", QoS::AtMostOnce));
+    h.out(1);
+    h.connect(2, connect(V5, "p"));
+    let mut p = Publish::new(
+        Topic::new("t").expect("t"),
+        QoS::AtLeastOnce,
+        Some(pid(1)),
+        Bytes::from_static(b"\xff\xfe"),
+    );
+    p.properties.payload_format_indicator = Some(mqttd_codec::PayloadFormat::Utf8);
+    h.send(2, Packet::Publish(p));
+    assert!(
+        matches!(&h.out(2)[0], Transmit::Packet(Packet::PubAck(a)) if a.reason_code == ReasonCode::PayloadFormatInvalid)
+    );
+    assert!(h.out(1).is_empty());
+}

@@ -132,13 +132,23 @@ pub struct Running {
 impl Running {
     /// Starts a graceful shutdown and waits for it to finish.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.done.await;
+        let Running {
+            shutdown,
+            done,
+            ctx,
+            ..
+        } = self;
+        let _ = shutdown.send(true);
+        // Our context clone would keep the event channel open and the wait below waiting.
+        drop(ctx);
+        let _ = done.await;
     }
 
     /// Waits until the broker has stopped (after a shutdown started elsewhere).
     pub async fn wait(self) {
-        let _ = self.done.await;
+        let Running { done, ctx, .. } = self;
+        drop(ctx);
+        let _ = done.await;
     }
 
     /// The context another listener (QUIC) uses to serve connections into this broker.

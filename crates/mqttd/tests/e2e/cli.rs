@@ -77,3 +77,55 @@ fn shipped_default_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn json_logs_and_anonymous_never() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-enabled",
+            "false",
+            "--log-format",
+            "json",
+        ])
+        .args(["--log-level", "info", "--allow-anonymous", "never"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start mqttd");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("address line");
+    let addr: std::net::SocketAddr = line
+        .split("mqtt://")
+        .nth(1)
+        .and_then(|a| a.trim().parse().ok())
+        .expect("address");
+    // A 3.1.1 CONNECT: refused with return code 5 (not authorized), then closed.
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(&[
+        0x10, 0x0D, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x1E, 0x00, 0x01, b'x',
+    ])
+    .expect("write");
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).expect("read until close");
+    assert_eq!(reply, vec![0x20, 0x02, 0x00, 0x05]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut logs)
+        .expect("logs");
+    let first = logs.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with('{') && first.contains("\"level\":\"INFO\""),
+        "not JSON: {logs}"
+    );
+}

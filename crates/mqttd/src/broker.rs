@@ -1009,7 +1009,9 @@ impl<S: Store> Broker<S> {
     /// The driver saw the connection end (network error, EOF, or a protocol error it already
     /// answered). Wills are published per the rules.
     pub fn handle_closed(&mut self, conn: ConnId, reason: CloseReason, now: Instant) {
-        let _ = reason;
+        if self.conns.contains_key(&conn) {
+            tracing::debug!(conn, ?reason, "connection lost");
+        }
         self.drop_link(conn, None, false, now);
     }
 

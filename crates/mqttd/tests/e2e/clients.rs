@@ -297,7 +297,7 @@ async fn takeover_disconnects_the_old_client_with_0x8e() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn mosquitto_sub");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.wait_metric("mqttd_subscriptions", |n| n == 1);
     // The new client: rumqttc 5.0 with the same client id resumes the session.
     let started = std::time::Instant::now();
     let mut second = v5(port, "same-id", false, Some(60)).await;

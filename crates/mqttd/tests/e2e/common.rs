@@ -89,6 +89,35 @@ impl Mqttd {
             .expect("VmRSS")
     }
 
+    /// The value of a Prometheus series from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let http = self.http.expect("the HTTP endpoint is enabled");
+        let mut s = std::net::TcpStream::connect(http).expect("connect http");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no series {name} in {body}"))
+    }
+
+    /// Waits until a metric satisfies `ok` (e.g. a CLI subscriber has subscribed).
+    pub fn wait_metric(&self, name: &str, ok: impl Fn(u64) -> bool) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let v = self.metric(name);
+            if ok(v) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{name} stuck at {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let ok = Command::new("kill")

@@ -72,7 +72,7 @@ fn qos_round_trips_mosquitto_v311_and_v5() {
                 ],
             );
             // Let the subscription land before publishing.
-            std::thread::sleep(Duration::from_millis(300));
+            broker.wait_metric("mqttd_subscriptions", |n| n == 1);
             let out = run(
                 "mosquitto_pub",
                 &args(
@@ -86,6 +86,8 @@ fn qos_round_trips_mosquitto_v311_and_v5() {
                 String::from_utf8_lossy(&out.stderr)
             );
             let out = wait_output(sub);
+            // The subscriber's clean session ends with it.
+            broker.wait_metric("mqttd_subscriptions", |n| n == 0);
             assert!(
                 out.status.success(),
                 "mosquitto_sub: {}",
@@ -208,7 +210,7 @@ async fn will_published_on_abrupt_close() {
     let broker = Mqttd::start(&[]);
     let port = broker.port();
     let sub = spawn_sub(port, &["-t", "wills/#", "-C", "1", "-W", "10", "-v"]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.wait_metric("mqttd_subscriptions", |n| n == 1);
     let mut c = Connect::new(ProtocolVersion::V3_1_1, mstr("dies"), 30);
     c.will = Some(Will {
         topic: Topic::new("wills/dies").expect("topic"),

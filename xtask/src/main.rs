@@ -5,10 +5,12 @@
 //! - `build`   — vendor, compile ngtcp2/nghttp3 into `target/c/`, then build the workspace;
 //! - `bindgen [--check]` — regenerate (or check) the committed FFI bindings;
 //! - `run [ARGS…]` — build and start the `mqttd` broker with ARGS;
-//! - `test`    — everything CI checks: fmt, clippy, bindings, the workspace tests.
+//! - `test`    — everything CI checks: fmt, clippy, bindings, the workspace tests;
+//! - `bench broker [--duration-secs N] [--reps N]` — the broker benchmark matrix into `bench/results/`.
 //!
 //! The xtask is never a runtime dependency of any crate.
 
+mod bench;
 mod bindings;
 mod cbuild;
 mod sources;
@@ -19,8 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str =
-    "usage: cargo xtask <vendor | build | bindgen [--check] | run [ARGS...] | test>";
+const USAGE: &str = "usage: cargo xtask <vendor | build | bindgen [--check] | run [ARGS...] | test | bench broker [OPTIONS]>";
 
 fn main() {
     if let Err(err) = run_cli() {
@@ -42,6 +43,7 @@ fn run_cli() -> Result<()> {
         },
         Some("run") => run(&root, &args[1..]),
         Some("test") => test(&root),
+        Some("bench") => bench::run(&root, &args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(())

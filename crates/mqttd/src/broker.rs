@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqttd_codec::{
-    ConnAck, ConnAckProperties, Connect, Disconnect, MqttString, Packet, PacketId, PayloadFormat,
-    ProtocolVersion, PubAck, PubComp, PubRec, PubRel, Publish, PublishProperties, QoS, ReasonCode,
-    RetainHandling, SubAck, Subscribe, Topic, UnsubAck, Unsubscribe,
+    ConnAck, ConnAckProperties, Connect, Disconnect, MqttString, Packet, PayloadFormat, PubAck,
+    PubRec, Publish, PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, Topic,
+    UnsubAck, Unsubscribe,
 };
 
 use crate::config::{Anonymous, Limits};
@@ -36,9 +36,8 @@ use crate::message::{Message, SharedMessage};
 use crate::metrics::Metrics;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, Router, parse_filter, validate_topic_name};
-use crate::store::{
-    Delivery, Outgoing, PendingWill, SessionState, Store, StoreError, Subscription,
-};
+use crate::session::{Link, Session, WillSpec};
+use crate::store::{Delivery, PendingWill, Store, StoreError, Subscription};
 
 /// Identifies one network connection (whatever carries it).
 pub type ConnId = u64;
@@ -70,43 +69,6 @@ pub struct BrokerOptions {
     pub limits: Limits,
     /// Anonymous access policy.
     pub allow_anonymous: Anonymous,
-}
-
-/// A will as given in CONNECT: published on an abnormal end of the connection.
-#[derive(Debug, Clone)]
-struct WillSpec {
-    message: Message,
-    expiry_interval: Option<u32>,
-    delay: u32,
-}
-
-/// The current connection of a session.
-#[derive(Debug)]
-struct Link {
-    conn: ConnId,
-    version: ProtocolVersion,
-    /// 1.5 x the effective keep alive; zero disables the check.
-    keep_alive_timeout: Duration,
-    last_seen: Instant,
-    /// Outgoing QoS 1/2 window: min(client Receive Maximum, broker max_inflight).
-    window: usize,
-    /// The client's Maximum Packet Size.
-    max_packet_size: usize,
-    /// The client's Topic Alias Maximum (aliases the broker may use towards it).
-    alias_max_out: u16,
-    aliases_in: HashMap<u16, Topic>,
-    aliases_out: HashMap<Topic, u16>,
-    /// Packets handed to the driver and not yet reported written.
-    in_transit: usize,
-    will: Option<WillSpec>,
-    problem_info: bool,
-}
-
-/// A session: its durable state and, while connected, its link.
-#[derive(Debug)]
-struct Session {
-    state: SessionState,
-    link: Option<Link>,
 }
 
 #[derive(Debug, Default)]
@@ -142,10 +104,6 @@ impl<S: Store> std::fmt::Debug for Broker<S> {
             .field("retained", &self.retained.len())
             .finish()
     }
-}
-
-fn pid(n: u16) -> Option<PacketId> {
-    NonZeroU16::new(n)
 }
 
 fn granted(qos: QoS) -> ReasonCode {
@@ -368,10 +326,7 @@ impl<S: Store> Broker<S> {
         let session = self
             .sessions
             .entry(client_id.clone())
-            .or_insert_with(|| Session {
-                state: SessionState::new(client_id.clone(), expiry),
-                link: None,
-            });
+            .or_insert_with(|| Session::new(client_id.clone(), expiry));
         session.state.expiry_interval = expiry;
         session.state.expires_at = None;
 
@@ -487,51 +442,23 @@ impl<S: Store> Broker<S> {
         match packet {
             Packet::Publish(p) => self.on_publish(conn, &client_id, p, now),
             Packet::PubAck(a) => {
-                let s = self.session_mut(&client_id);
-                if matches!(s.state.outgoing.get(&a.packet_id.get()), Some(Outgoing::Publish(d)) if d.qos == QoS::AtLeastOnce)
-                {
-                    s.state.outgoing.remove(&a.packet_id.get());
-                    s.state.send_order.retain(|p| *p != a.packet_id.get());
-                }
+                self.session_mut(&client_id).on_puback(a.packet_id);
                 self.after_ack(&client_id, now);
             }
-            Packet::PubRec(r) => {
-                let id = r.packet_id.get();
-                let s = self.session_mut(&client_id);
-                let known = matches!(s.state.outgoing.get(&id), Some(Outgoing::Publish(d)) if d.qos == QoS::ExactlyOnce);
-                if known && r.reason_code.is_error() {
-                    s.state.outgoing.remove(&id);
-                    s.state.send_order.retain(|p| *p != id);
-                    self.after_ack(&client_id, now);
-                    return;
+            Packet::PubRec(r) => match self.session_mut(&client_id).on_pubrec(&r) {
+                Some(rel) => {
+                    self.send(conn, rel);
+                    self.mark_dirty(&client_id);
                 }
-                let mut rel = PubRel::new(r.packet_id);
-                if known || matches!(s.state.outgoing.get(&id), Some(Outgoing::Released)) {
-                    s.state.outgoing.insert(id, Outgoing::Released);
-                } else {
-                    rel.reason_code = ReasonCode::PacketIdentifierNotFound;
-                }
-                self.send(conn, rel);
-                self.mark_dirty(&client_id);
-            }
+                None => self.after_ack(&client_id, now),
+            },
             Packet::PubRel(r) => {
-                let s = self.session_mut(&client_id);
-                let mut comp = PubComp::new(r.packet_id);
-                if !s.state.incoming_qos2.remove(&r.packet_id.get()) {
-                    comp.reason_code = ReasonCode::PacketIdentifierNotFound;
-                }
+                let comp = self.session_mut(&client_id).on_pubrel(r.packet_id);
                 self.send(conn, comp);
                 self.mark_dirty(&client_id);
             }
             Packet::PubComp(c) => {
-                let s = self.session_mut(&client_id);
-                if matches!(
-                    s.state.outgoing.get(&c.packet_id.get()),
-                    Some(Outgoing::Released)
-                ) {
-                    s.state.outgoing.remove(&c.packet_id.get());
-                    s.state.send_order.retain(|p| *p != c.packet_id.get());
-                }
+                self.session_mut(&client_id).on_pubcomp(c.packet_id);
                 self.after_ack(&client_id, now);
             }
             Packet::Subscribe(s) => self.on_subscribe(conn, &client_id, s, now),
@@ -571,10 +498,7 @@ impl<S: Store> Broker<S> {
         // Callers hold a client id taken from `conns`, whose session always exists.
         self.sessions
             .entry(client_id.clone())
-            .or_insert_with(|| Session {
-                state: SessionState::new(client_id.clone(), 0),
-                link: None,
-            })
+            .or_insert_with(|| Session::new(client_id.clone(), 0))
     }
 
     fn after_ack(&mut self, client_id: &ClientId, now: Instant) {
@@ -741,7 +665,7 @@ impl<S: Store> Broker<S> {
             self.count_drop(d.qos);
             return;
         }
-        if let Some(dropped) = enqueue(&mut s.state.queue, d, max_queued) {
+        if let Some(dropped) = s.enqueue(d, max_queued) {
             self.count_drop(dropped);
         }
         self.pump(client_id, now);
@@ -761,90 +685,22 @@ impl<S: Store> Broker<S> {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
-        let Some(link) = s.link.as_mut() else { return };
-        let conn = link.conn;
-        let version = link.version;
-        let mut sent = 0u64;
-        let mut dropped = Vec::new();
-        while let Some(front) = s.state.queue.front() {
-            if link.in_transit >= credit {
-                break;
-            }
-            if front.message.is_expired(now) {
-                if let Some(d) = s.state.queue.pop_front() {
-                    dropped.push(d.qos);
-                }
-                continue;
-            }
-            if front.qos != QoS::AtMostOnce && s.state.outgoing.len() >= link.window {
-                break;
-            }
-            let Some(d) = s.state.queue.pop_front() else {
-                break;
-            };
-            let packet_id = if d.qos == QoS::AtMostOnce {
-                None
-            } else {
-                pid(next_packet_id(&mut s.state))
-            };
-            let publish = build_publish(&d, packet_id, false, link, now);
-            let packet = Packet::Publish(publish);
-            if packet
-                .encoded_len(version)
-                .map_or(true, |len| len > link.max_packet_size)
-            {
-                // Too large for this client: discarded as if delivered [MQTT-3.1.2-25].
-                undo_alias(link, &d);
-                dropped.push(d.qos);
-                continue;
-            }
-            if let Some(p) = packet_id {
-                s.state.outgoing.insert(p.get(), Outgoing::Publish(d));
-                s.state.send_order.push_back(p.get());
-            }
-            link.in_transit += 1;
-            sent += 1;
-            self.transmits.push_back((conn, Transmit::Packet(packet)));
+        let pumped = s.pump(credit, now, &mut self.transmits);
+        if pumped.sent > 0 {
+            Metrics::add(&self.metrics.messages_sent, pumped.sent);
         }
-        if sent > 0 {
-            Metrics::add(&self.metrics.messages_sent, sent);
-        }
-        for q in dropped {
+        for q in pumped.dropped {
             self.count_drop(q);
         }
     }
 
-    /// Resends every unacknowledged outgoing message of a session that just (re)connected:
-    /// PUBLISH with DUP for those not yet acknowledged, PUBREL for released QoS 2.
+    /// Resends unacknowledged messages of a session that just (re)connected.
     fn redeliver(&mut self, client_id: &ClientId, now: Instant) {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
-        let Some(link) = s.link.as_mut() else { return };
-        let conn = link.conn;
-        let mut out = Vec::new();
-        for id in &s.state.send_order {
-            match s.state.outgoing.get(id) {
-                Some(Outgoing::Publish(d)) => {
-                    link.in_transit += 1;
-                    out.push(Packet::Publish(build_publish(d, pid(*id), true, link, now)));
-                }
-                Some(Outgoing::Released) => {
-                    if let Some(p) = pid(*id) {
-                        out.push(Packet::PubRel(PubRel::new(p)));
-                    }
-                }
-                None => {}
-            }
-        }
-        Metrics::add(
-            &self.metrics.messages_sent,
-            out.iter()
-                .filter(|p| matches!(p, Packet::Publish(_)))
-                .count() as u64,
-        );
-        self.transmits
-            .extend(out.into_iter().map(|p| (conn, Transmit::Packet(p))));
+        let sent = s.redeliver(now, &mut self.transmits);
+        Metrics::add(&self.metrics.messages_sent, sent);
     }
 
     fn on_subscribe(&mut self, conn: ConnId, client_id: &ClientId, sub: Subscribe, now: Instant) {
@@ -1136,83 +992,6 @@ impl<S: Store> Broker<S> {
                 tracing::error!(client = %id, error = %e, "cannot save session");
             }
         }
-    }
-}
-
-/// Appends `d` to a bounded queue; on overflow drops the oldest QoS 0 message, else the new
-/// one. Returns the QoS of what was dropped.
-pub(crate) fn enqueue(queue: &mut VecDeque<Delivery>, d: Delivery, max: usize) -> Option<QoS> {
-    if queue.len() < max {
-        queue.push_back(d);
-        return None;
-    }
-    if let Some(pos) = queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
-        queue.remove(pos);
-        queue.push_back(d);
-        return Some(QoS::AtMostOnce);
-    }
-    Some(d.qos)
-}
-
-fn next_packet_id(state: &mut SessionState) -> u16 {
-    // The window is at most 65,535 so a free id always exists when this is called.
-    for _ in 0..=u16::MAX {
-        state.last_packet_id = state.last_packet_id.checked_add(1).unwrap_or(1);
-        if !state.outgoing.contains_key(&state.last_packet_id) {
-            break;
-        }
-    }
-    state.last_packet_id
-}
-
-fn undo_alias(link: &mut Link, d: &Delivery) {
-    // An alias assigned to a packet that is not sent would leave the client unaware of it.
-    if let Some(a) = link.aliases_out.get(&d.message.topic).copied()
-        && usize::from(a) == link.aliases_out.len()
-    {
-        link.aliases_out.remove(&d.message.topic);
-    }
-}
-
-/// Builds the PUBLISH for one delivery: packet id, DUP, outgoing topic alias, remaining
-/// expiry, subscription identifiers.
-fn build_publish(
-    d: &Delivery,
-    packet_id: Option<PacketId>,
-    dup: bool,
-    link: &mut Link,
-    now: Instant,
-) -> Publish {
-    let m = &d.message;
-    let mut properties = m.properties.clone();
-    properties.message_expiry_interval = m.remaining_expiry(now);
-    properties
-        .subscription_identifiers
-        .clone_from(&d.subscription_ids);
-    let mut topic = m.topic.clone();
-    if link.version.is_v5() && link.alias_max_out > 0 {
-        match link.aliases_out.get(&m.topic) {
-            Some(&a) if !dup => {
-                properties.topic_alias = Some(a);
-                topic = Topic::empty();
-            }
-            Some(&a) => properties.topic_alias = Some(a),
-            None if link.aliases_out.len() < usize::from(link.alias_max_out) => {
-                let a = link.aliases_out.len() as u16 + 1;
-                link.aliases_out.insert(m.topic.clone(), a);
-                properties.topic_alias = Some(a);
-            }
-            None => {}
-        }
-    }
-    Publish {
-        dup: dup && d.qos != QoS::AtMostOnce,
-        qos: d.qos,
-        retain: d.retain,
-        topic,
-        packet_id,
-        properties,
-        payload: m.payload.clone(),
     }
 }
 

@@ -15,7 +15,9 @@ use mqttd_codec::{
 use super::*;
 use crate::config::{Anonymous, Limits};
 use crate::metrics::Metrics;
+use crate::session::{enqueue, next_packet_id};
 use crate::store::{MemoryStore, Store};
+use crate::store::{Outgoing, SessionState};
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const V4: ProtocolVersion = ProtocolVersion::V3_1_1;

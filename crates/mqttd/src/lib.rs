@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod retain;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod store;

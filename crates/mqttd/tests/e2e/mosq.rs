@@ -59,10 +59,10 @@ fn wait_output(child: std::process::Child) -> Output {
 }
 
 #[test]
-fn qos_round_trips_mosquitto_v311_and_v5() {
+fn qos_round_trips_mosquitto_v31_v311_and_v5() {
     let broker = Mqttd::start(&[]);
     let port = broker.port();
-    for version in ["mqttv311", "mqttv5"] {
+    for version in ["mqttv31", "mqttv311", "mqttv5"] {
         for qos in ["0", "1", "2"] {
             let topic = format!("mq/{version}/{qos}");
             let sub = spawn_sub(

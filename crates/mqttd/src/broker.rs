@@ -402,10 +402,9 @@ impl<S: Store> Broker<S> {
             }
         }
         if let Some(w) = old.state.pending_will {
-            wills.push((
-                (*w.message).clone(),
-                w.message.remaining_expiry(w.publish_at),
-            ));
+            // Its expiry interval waits in the properties until it is published.
+            let expiry = w.message.properties.message_expiry_interval;
+            wills.push(((*w.message).clone(), expiry));
         }
         let dropped = old.state.queue.len() as u64;
         if dropped > 0 {

@@ -1086,3 +1086,31 @@ fn payload_format_invalid_is_refused() {
     );
     assert!(h.out(1).is_empty());
 }
+
+#[test]
+fn delayed_will_published_at_session_end_keeps_its_expiry() {
+    let mut h = H::new();
+    watcher(&mut h, 9);
+    let mut c = with_will(persistent(V5, "a"), "will/a", Some(30));
+    c.properties.session_expiry_interval = Some(10);
+    if let Some(w) = c.will.as_mut() {
+        w.properties.message_expiry_interval = Some(100);
+    }
+    h.connect(1, c);
+    h.b.handle_closed(1, CloseReason::NetworkError, h.now);
+    // The delay (30 s) is capped by the session expiry (10 s).
+    h.advance(Duration::from_secs(9));
+    assert!(payloads(&h.out(9)).is_empty());
+    h.advance(Duration::from_secs(2));
+    let t = h.out(9);
+    assert_eq!(payloads(&t), vec!["gone"]);
+    assert_eq!(
+        publishes(&t)[0].properties.message_expiry_interval,
+        Some(100)
+    );
+    // A clean start of the same client id ends a session with a pending will: published now.
+    h.connect(2, with_will(persistent(V5, "b"), "will/b", Some(30)));
+    h.b.handle_closed(2, CloseReason::NetworkError, h.now);
+    h.connect(3, connect(V5, "b"));
+    assert_eq!(payloads(&h.out(9)), vec!["gone"]);
+}

@@ -544,7 +544,12 @@ impl<S: Store> Broker<S> {
                 link.aliases_in.insert(alias, p.topic.clone());
             }
         }
-        if validate_topic_name(p.topic.as_str(), max_len, max_levels).is_err() {
+        // The codec already refused wildcards, NUL and bad UTF-8; only our limits are left.
+        let topic = p.topic.as_bytes();
+        if topic.is_empty()
+            || topic.len() > max_len
+            || topic.iter().filter(|&&b| b == b'/').count() >= max_levels
+        {
             return self.drop_link(conn, Some(ReasonCode::TopicNameInvalid), true, now);
         }
         let id = p.packet_id.map_or(0, NonZeroU16::get);

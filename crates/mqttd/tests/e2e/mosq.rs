@@ -366,3 +366,21 @@ async fn http_metrics_and_health() {
         assert!(body.contains(want), "{path}: {body}");
     }
 }
+
+#[tokio::test]
+async fn assigned_client_identifier_and_empty_id_rules() {
+    let broker = Mqttd::start(&[]);
+    let port = broker.port();
+    let (_c, ack) = Raw::connect(port, connect5("")).await;
+    assert_eq!(ack.reason_code, ReasonCode::Success);
+    let id = ack
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
+    assert!(!id.is_empty());
+    let mut v3 = Connect::new(ProtocolVersion::V3_1_1, mstr(""), 30);
+    v3.clean_start = false;
+    let (mut raw, ack) = Raw::connect(port, v3).await;
+    assert_eq!(ack.reason_code, ReasonCode::ClientIdentifierNotValid);
+    assert!(raw.until_closed().await.is_empty());
+}

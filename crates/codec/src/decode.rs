@@ -73,11 +73,35 @@ pub fn decode(
     version: ProtocolVersion,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, DecodeError> {
-    let Status::Complete { len } = check(buf, max_packet_size)? else {
+    let Some((len, header)) = frame_len(buf, max_packet_size)? else {
         return Ok(None);
     };
-    let packet = buf.split_to(len).freeze();
-    decode_frame(packet, version).map(Some)
+    let first = buf[0];
+    let mut body = buf.split_to(len).freeze();
+    body.advance(header);
+    Packet::decode_body(first, body, version).map(Some)
+}
+
+/// The total length and fixed header length of the complete packet at the start of `buf`,
+/// `None` if incomplete.
+#[inline]
+fn frame_len(buf: &[u8], max_packet_size: usize) -> Result<Option<(usize, usize)>, DecodeError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    match read_varint(&buf[1..])? {
+        VarInt::Incomplete => Ok(None),
+        VarInt::Value(remaining, n) => {
+            let len = 1 + n + remaining as usize;
+            if len > max_packet_size {
+                return Err(DecodeError::PacketTooLarge {
+                    size: len,
+                    max: max_packet_size,
+                });
+            }
+            Ok((buf.len() >= len).then_some((len, 1 + n)))
+        }
+    }
 }
 
 /// As [`decode`], from a [`Bytes`] buffer (advanced past the packet on success).
@@ -87,11 +111,13 @@ pub fn decode_bytes(
     version: ProtocolVersion,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, DecodeError> {
-    let Status::Complete { len } = check(buf, max_packet_size)? else {
+    let Some((len, header)) = frame_len(buf, max_packet_size)? else {
         return Ok(None);
     };
-    let packet = buf.split_to(len);
-    decode_frame(packet, version).map(Some)
+    let first = buf[0];
+    let mut body = buf.split_to(len);
+    body.advance(header);
+    Packet::decode_body(first, body, version).map(Some)
 }
 
 /// Decodes the first packet of a connection, which must be a CONNECT, before the protocol

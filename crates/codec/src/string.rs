@@ -77,14 +77,63 @@ impl MqttString {
 /// Checks the MQTT string rules on raw bytes; returns the `str` on success.
 #[inline]
 pub(crate) fn check_str(bytes: &[u8]) -> Result<&str, DecodeError> {
+    check_str_scan(bytes).map(|_| {
+        // SAFETY: `check_str_scan` succeeded, so the bytes are valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    })
+}
+
+/// What [`check_str_scan`] learned on the way, so topic validation needs no second pass.
+pub(crate) struct Scan {
+    /// Whether the string contains `+` or `#`.
+    pub(crate) has_wildcard: bool,
+}
+
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any byte of `v` is zero (the classic SWAR test; exact for the "any" question).
+#[inline(always)]
+const fn has_zero(v: u64) -> bool {
+    v.wrapping_sub(LO) & !v & HI != 0
+}
+
+/// Validates an MQTT string in one pass: ASCII is checked eight bytes at a time for U+0000 and
+/// for the wildcard characters; anything non-ASCII falls back to the standard UTF-8 check.
+#[inline]
+pub(crate) fn check_str_scan(bytes: &[u8]) -> Result<Scan, DecodeError> {
     if bytes.len() > MAX_STRING_LEN {
         return Err(DecodeError::StringTooLong(bytes.len()));
     }
-    let s = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
-    if bytes.contains(&0) {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut any = 0u64; // OR of all words: its high bits tell whether anything was non-ASCII.
+    let mut nul = false;
+    let mut wild = false;
+    for c in &mut chunks {
+        let v = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        any |= v;
+        nul |= has_zero(v);
+        wild |= has_zero(v ^ (LO * b'+' as u64)) | has_zero(v ^ (LO * b'#' as u64));
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        // One more word, padded with a byte that is neither special nor non-ASCII.
+        let mut w = [b'a'; 8];
+        w[..tail.len()].copy_from_slice(tail);
+        let v = u64::from_le_bytes(w);
+        any |= v;
+        nul |= has_zero(v);
+        wild |= has_zero(v ^ (LO * b'+' as u64)) | has_zero(v ^ (LO * b'#' as u64));
+    }
+    if any & HI != 0 {
+        // Non-ASCII somewhere: the standard check. (The zero tests above are exact for any byte
+        // values, so `nul` and `wild` stand.)
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
+    }
+    if nul {
         return Err(DecodeError::NullCharacter);
     }
-    Ok(s)
+    Ok(Scan { has_wildcard: wild })
 }
 
 impl Deref for MqttString {
@@ -155,5 +204,43 @@ impl TryFrom<Bytes> for MqttString {
     type Error = DecodeError;
     fn try_from(b: Bytes) -> Result<Self, DecodeError> {
         Self::from_bytes(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The word-at-a-time scan agrees with the obvious byte-by-byte definition for every
+    /// position of a special byte, in ASCII and non-ASCII strings of every length up to 40.
+    #[test]
+    fn scan_matches_bytewise_definition() {
+        for len in 0..40 {
+            for pos in 0..len {
+                for special in [0u8, b'+', b'#', b'a', 0x7F] {
+                    for prefix in ["", "é"] {
+                        let mut v: Vec<u8> = prefix.as_bytes().to_vec();
+                        v.extend(std::iter::repeat_n(b'x', len));
+                        let at = prefix.len() + pos;
+                        v[at] = special;
+                        let got = check_str_scan(&v);
+                        if special == 0 {
+                            assert_eq!(got.err(), Some(DecodeError::NullCharacter), "{v:?}");
+                        } else {
+                            let wild = special == b'+' || special == b'#';
+                            assert_eq!(got.map(|s| s.has_wildcard).ok(), Some(wild), "{v:?}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            check_str_scan(&[0xC3, 0x28]).err(),
+            Some(DecodeError::InvalidUtf8)
+        );
+        assert_eq!(
+            check_str_scan(&[b'a'; 9][..]).map(|s| s.has_wildcard).ok(),
+            Some(false)
+        );
     }
 }

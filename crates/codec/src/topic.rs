@@ -67,6 +67,12 @@ impl Topic {
         Ok(Self(s))
     }
 
+    /// Wraps a string already checked to hold no wildcard.
+    #[inline]
+    pub(crate) fn from_checked(s: MqttString) -> Self {
+        Self(s)
+    }
+
     /// The empty topic name, valid only in an MQTT 5 PUBLISH carrying a Topic Alias.
     pub const fn empty() -> Self {
         Self(MqttString::new())

@@ -5,10 +5,11 @@
 //! the remaining length first and fails with [`DecodeError::UnexpectedEof`]. Strings and binary
 //! data are returned as slices of the packet's `Bytes` (no copy).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
-use crate::string::{MqttString, check_str};
+use crate::string::{MqttString, check_str, check_str_scan};
+use crate::topic::{Topic, TopicError};
 
 /// The largest value a Variable Byte Integer can hold (§1.5.5): 268,435,455.
 pub const VARINT_MAX: u32 = 268_435_455;
@@ -195,8 +196,10 @@ impl Reader {
     /// Everything that is left (a PUBLISH or will payload).
     #[inline]
     pub(crate) fn rest(&mut self) -> Bytes {
-        let v = self.buf.slice(self.pos..);
-        self.pos = self.buf.len();
+        // Hand over the packet's own handle instead of slicing it: no reference-count traffic.
+        let mut v = std::mem::take(&mut self.buf);
+        v.advance(self.pos);
+        self.pos = 0;
         v
     }
 
@@ -205,6 +208,24 @@ impl Reader {
     pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
         let len = usize::from(self.u16()?);
         self.take(len)
+    }
+
+    /// A Topic Name (§4.7) validated in a single pass; empty only if `allow_empty`.
+    #[inline]
+    pub(crate) fn topic(&mut self, allow_empty: bool) -> Result<Topic, DecodeError> {
+        let len = usize::from(self.u16()?);
+        self.need(len)?;
+        let scan = check_str_scan(&self.buf[self.pos..self.pos + len])?;
+        if scan.has_wildcard {
+            return Err(DecodeError::InvalidTopicName(
+                TopicError::WildcardInTopicName,
+            ));
+        }
+        if len == 0 && !allow_empty {
+            return Err(DecodeError::InvalidTopicName(TopicError::Empty));
+        }
+        let bytes = self.take(len)?;
+        Ok(Topic::from_checked(MqttString::from_checked(bytes)))
     }
 
     /// A UTF-8 Encoded String (§1.5.4), validated.

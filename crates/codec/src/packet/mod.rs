@@ -192,6 +192,9 @@ impl Packet {
     /// A CONNECT is always encoded in its own `protocol_version`. Properties are dropped for
     /// 3.1/3.1.1. On error nothing is written.
     pub fn encode(&self, version: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
+        if let Self::Publish(p) = self {
+            return p.encode_packet(version, buf);
+        }
         let version = match self {
             Self::Connect(c) => c.protocol_version,
             _ => version,

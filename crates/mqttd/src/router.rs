@@ -558,4 +558,90 @@ mod tests {
             assert_eq!(got, want, "topic {t}");
         }
     }
+
+    mod prop {
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::retain::RetainStore;
+
+        fn level() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec!["a", "b", "", "$s", "c"])
+        }
+
+        fn topic() -> impl Strategy<Value = String> {
+            prop::collection::vec(level(), 1..5)
+                .prop_map(|l| l.join("/"))
+                .prop_filter("topic names are not empty", |t| !t.is_empty())
+        }
+
+        fn filter() -> impl Strategy<Value = String> {
+            (
+                prop::collection::vec(prop::sample::select(vec!["a", "b", "", "$s", "+"]), 0..4),
+                any::<bool>(),
+            )
+                .prop_map(|(mut l, hash)| {
+                    if hash || l.is_empty() {
+                        l.push("#");
+                    }
+                    l.join("/")
+                })
+                .prop_filter("filters are not empty", |f| !f.is_empty())
+        }
+
+        proptest! {
+            #[test]
+            fn trie_matches_like_the_reference(filters in prop::collection::vec(filter(), 1..12), topics in prop::collection::vec(topic(), 1..12)) {
+                let mut r = Router::new();
+                for (i, f) in filters.iter().enumerate() {
+                    let spec = parse_filter(f, 1000, 100).expect("generated filters are valid");
+                    r.subscribe(&spec, Arc::from(i.to_string()), ());
+                }
+                for t in &topics {
+                    let mut got: Vec<String> = Vec::new();
+                    r.route(t, &|_| true, |m| got.push(m.client.to_string()));
+                    got.sort();
+                    got.dedup();
+                    let mut want: Vec<String> = filters
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, f)| filter_matches(f, t))
+                        .map(|(i, _)| i.to_string())
+                        .collect();
+                    want.sort();
+                    want.dedup();
+                    prop_assert_eq!(got, want, "topic {}", t);
+                }
+            }
+
+            #[test]
+            fn retained_lookup_matches_like_the_reference(topics in prop::collection::vec(topic(), 1..12), f in filter()) {
+                let mut store = RetainStore::new();
+                for t in &topics {
+                    store.insert(t, t.clone());
+                }
+                let mut got: Vec<String> = store.matching(&f).into_iter().cloned().collect();
+                got.sort();
+                let mut want: Vec<String> = topics.iter().filter(|t| filter_matches(&f, t)).cloned().collect();
+                want.sort();
+                want.dedup();
+                prop_assert_eq!(got, want, "filter {}", f);
+            }
+
+            #[test]
+            fn subscribe_then_unsubscribe_leaves_nothing(filters in prop::collection::vec(filter(), 1..12)) {
+                let mut r = Router::new();
+                for (i, f) in filters.iter().enumerate() {
+                    let spec = parse_filter(f, 1000, 100).expect("valid");
+                    r.subscribe(&spec, Arc::from(i.to_string()), ());
+                }
+                for (i, f) in filters.iter().enumerate() {
+                    let spec = parse_filter(f, 1000, 100).expect("valid");
+                    r.unsubscribe(&spec, &i.to_string());
+                }
+                prop_assert!(r.is_empty());
+                prop_assert!(r.root.is_empty());
+            }
+        }
+    }
 }

@@ -8,6 +8,11 @@
 //! the same [`SessionState`] values to disk. Everything a session needs to resume
 //! (subscriptions, unacknowledged QoS 1/2 messages both ways, queued messages, the packet-id
 //! counter, a pending will) is a field of [`SessionState`], so nothing is lost across the trait.
+//!
+//! Times are `std::time::Instant`s because the core is driven by a monotonic `now`. A durable
+//! store converts each deadline (`expires_at`, `publish_at`, a message's `expires_at`) to wall
+//! clock when saving (`SystemTime::now() + (deadline - Instant::now())`) and back when loading;
+//! [`crate::broker::Broker::new`] restarts session expiry clocks at load anyway.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Instant;

@@ -33,7 +33,9 @@ impl UserProperty {
 /// The User Properties of a packet, in order; names may repeat.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct UserProperties {
-    raw: Bytes,
+    /// `None` when empty (never `Some` of an empty buffer): an absent `Bytes` costs nothing to
+    /// build or drop, which matters on the PUBLISH hot path where properties are usually empty.
+    raw: Option<Bytes>,
     count: usize,
 }
 
@@ -41,9 +43,14 @@ impl UserProperties {
     /// No properties.
     pub const fn new() -> Self {
         Self {
-            raw: Bytes::new(),
+            raw: None,
             count: 0,
         }
+    }
+
+    #[inline]
+    fn bytes(&self) -> &[u8] {
+        self.raw.as_deref().unwrap_or_default()
     }
 
     /// How many properties.
@@ -61,7 +68,7 @@ impl UserProperties {
     /// The pairs, in order, borrowed.
     pub fn iter(&self) -> Iter<'_> {
         Iter {
-            raw: &self.raw,
+            raw: self.bytes(),
             pos: 0,
         }
     }
@@ -69,12 +76,15 @@ impl UserProperties {
     /// The pairs as owned [`UserProperty`] values sharing this packet's memory.
     pub fn to_vec(&self) -> Vec<UserProperty> {
         let mut out = Vec::with_capacity(self.count);
+        let Some(raw) = &self.raw else {
+            return out;
+        };
         let mut pos = 0;
-        while pos < self.raw.len() {
-            let (n0, n1, v0, v1) = entry(&self.raw, pos);
+        while pos < raw.len() {
+            let (n0, n1, v0, v1) = entry(raw, pos);
             out.push(UserProperty::new(
-                MqttString::from_checked(self.raw.slice(n0..n1)),
-                MqttString::from_checked(self.raw.slice(v0..v1)),
+                MqttString::from_checked(raw.slice(n0..n1)),
+                MqttString::from_checked(raw.slice(v0..v1)),
             ));
             pos = v1;
         }
@@ -100,22 +110,24 @@ impl UserProperties {
     }
 
     fn push_unchecked(&mut self, name: &[u8], value: &[u8]) {
-        let mut buf = BytesMut::with_capacity(self.raw.len() + 5 + name.len() + value.len());
-        buf.put_slice(&self.raw);
+        let mut buf = BytesMut::with_capacity(self.bytes().len() + 5 + name.len() + value.len());
+        buf.put_slice(self.bytes());
         put_entry(&mut buf, name, value);
-        self.raw = buf.freeze();
+        self.raw = Some(buf.freeze());
         self.count += 1;
     }
 
     /// Bytes on the wire.
     #[inline]
     pub(crate) fn encoded_len(&self) -> usize {
-        self.raw.len()
+        self.bytes().len()
     }
 
     #[inline]
     pub(crate) fn write(&self, buf: &mut BytesMut) {
-        buf.put_slice(&self.raw);
+        if let Some(raw) = &self.raw {
+            buf.put_slice(raw);
+        }
     }
 }
 
@@ -140,7 +152,7 @@ fn entry(raw: &[u8], pos: usize) -> (usize, usize, usize, usize) {
 /// Iterator over `(name, value)` pairs.
 #[derive(Debug, Clone)]
 pub struct Iter<'a> {
-    raw: &'a Bytes,
+    raw: &'a [u8],
     pos: usize,
 }
 
@@ -181,7 +193,7 @@ impl FromIterator<UserProperty> for UserProperties {
             count += 1;
         }
         Self {
-            raw: buf.freeze(),
+            raw: (count > 0).then(|| buf.freeze()),
             count,
         }
     }
@@ -240,9 +252,9 @@ impl Collector {
 
     pub(crate) fn finish(self, block: &Bytes) -> UserProperties {
         let raw = match (self.spill, self.range) {
-            (Some(spill), _) => spill.freeze(),
-            (None, Some((s, e))) => block.slice(s..e),
-            (None, None) => Bytes::new(),
+            (Some(spill), _) => Some(spill.freeze()),
+            (None, Some((s, e))) => Some(block.slice(s..e)),
+            (None, None) => None,
         };
         UserProperties {
             raw,

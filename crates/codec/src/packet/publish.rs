@@ -108,8 +108,8 @@ impl Publish {
         Ok(())
     }
 
-    /// The whole-packet encoder for the hot path: one reservation, the fixed header, topic
-    /// length and packet identifier assembled on the stack, then three copies.
+    /// The whole-packet encoder for the hot path: checks, one exact reservation, then the
+    /// fields in order.
     #[inline]
     pub(crate) fn encode_packet(
         &self,
@@ -126,30 +126,14 @@ impl Publish {
         if body > VARINT_MAX as usize {
             return Err(EncodeError::PacketTooLarge(body));
         }
-        let mut head = [0u8; 1 + 4 + 2];
-        head[0] = (3 << 4) | self.flags();
-        let mut n = 1;
-        let mut rest = body;
-        loop {
-            let mut b = (rest % 128) as u8;
-            rest /= 128;
-            if rest > 0 {
-                b |= 0x80;
-            }
-            head[n] = b;
-            n += 1;
-            if rest == 0 {
-                break;
-            }
-        }
+        buf.reserve(1 + crate::wire::varint_len(body) + body);
+        buf.put_u8((3 << 4) | self.flags());
+        crate::wire::write_varint(buf, body);
         // Topics are at most 65,535 bytes (an `MqttString` invariant).
-        head[n..n + 2].copy_from_slice(&(self.topic.len() as u16).to_be_bytes());
-        n += 2;
-        buf.reserve(n - 2 + body);
-        buf.put_slice(&head[..n]);
+        buf.put_u16(self.topic.len() as u16);
         buf.put_slice(self.topic.as_bytes());
         if let Some(id) = self.packet_id {
-            buf.put_slice(&id.get().to_be_bytes());
+            buf.put_u16(id.get());
         }
         if version.is_v5() {
             self.properties.write(buf, props);

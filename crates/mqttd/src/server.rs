@@ -742,4 +742,95 @@ mod tests {
             assert_eq!(got[2], Packet::PingResp);
         }
     }
+
+    /// A connection is any byte stream: here an in-memory duplex pipe stands in for the QUIC
+    /// stream that will use the same entry point.
+    #[tokio::test]
+    async fn any_byte_stream_serves_a_connection() {
+        use mqttd_codec::{Connect, MqttString, SubscribeFilter, SubscriptionOptions, TopicFilter};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            http_listen: None,
+            ..Config::default()
+        };
+        let running = start(config).await.expect("start");
+        let ctx = running.context();
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+
+        let mut clients = Vec::new();
+        for id in ["pipe-sub", "pipe-pub"] {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let admission = ctx.admit().expect("a free slot");
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                serve_connection(theirs, peer, admission.conn, ctx).await;
+                drop(admission);
+            });
+            let mut ours = ours;
+            let connect = Connect::new(
+                ProtocolVersion::V5,
+                MqttString::from_static(id).expect("id"),
+                30,
+            );
+            let bytes = Packet::Connect(Box::new(connect))
+                .to_bytes(ProtocolVersion::V5)
+                .expect("encode");
+            ours.write_all(&bytes).await.expect("write");
+            clients.push((ours, BytesMut::new()));
+        }
+        async fn next(io: &mut tokio::io::DuplexStream, buf: &mut BytesMut) -> Packet {
+            loop {
+                if let Some(p) = decode(buf, ProtocolVersion::V5, 1 << 20).expect("valid") {
+                    return p;
+                }
+                let n = tokio::time::timeout(Duration::from_secs(5), io.read_buf(buf))
+                    .await
+                    .expect("in time")
+                    .expect("read");
+                assert!(n > 0, "closed");
+            }
+        }
+        for (io, buf) in &mut clients {
+            assert!(
+                matches!(next(io, buf).await, Packet::ConnAck(a) if a.reason_code == ReasonCode::Success)
+            );
+        }
+        let sub = Packet::Subscribe(mqttd_codec::Subscribe {
+            packet_id: std::num::NonZeroU16::MIN,
+            filters: vec![SubscribeFilter {
+                filter: TopicFilter::new("pipe/#").expect("filter"),
+                options: SubscriptionOptions::default(),
+            }],
+            properties: Default::default(),
+        });
+        let (sub_io, sub_buf) = &mut clients[0];
+        sub_io
+            .write_all(&sub.to_bytes(ProtocolVersion::V5).expect("encode"))
+            .await
+            .expect("write");
+        assert!(matches!(next(sub_io, sub_buf).await, Packet::SubAck(_)));
+        let publish = Packet::Publish(mqttd_codec::Publish::new(
+            mqttd_codec::Topic::new("pipe/x").expect("topic"),
+            mqttd_codec::QoS::AtMostOnce,
+            None,
+            Bytes::from_static(b"through a pipe"),
+        ));
+        let (pub_io, _) = &mut clients[1];
+        pub_io
+            .write_all(&publish.to_bytes(ProtocolVersion::V5).expect("encode"))
+            .await
+            .expect("write");
+        let (sub_io, sub_buf) = &mut clients[0];
+        assert!(
+            matches!(next(sub_io, sub_buf).await, Packet::Publish(p) if &p.payload[..] == b"through a pipe")
+        );
+        drop(clients);
+        // Every context clone must go for the shutdown to finish without waiting out the grace.
+        drop(ctx);
+        tokio::time::timeout(Duration::from_secs(3), running.shutdown())
+            .await
+            .expect("shutdown in time");
+    }
 }

@@ -18,8 +18,9 @@
 //! - Overlapping subscriptions: a client gets one copy of a message, at the highest QoS of its
 //!   matching subscriptions, carrying every matching Subscription Identifier (see README).
 
+use std::cmp::Reverse;
 use std::cmp::{max, min};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
@@ -71,6 +72,17 @@ pub struct BrokerOptions {
     pub allow_anonymous: Anonymous,
 }
 
+/// What a deadline in the timer heap is for. Entries are checked when they fire and ignored
+/// when stale (the client sent something, reconnected, or the session is gone), so nothing is
+/// ever removed from the heap early and each connection costs one entry per keep-alive period.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    KeepAlive(ConnId),
+    Will(ClientId),
+    Expiry(ClientId),
+    RetainedExpiry(Topic),
+}
+
 #[derive(Debug, Default)]
 struct Aggregate {
     qos: Option<QoS>,
@@ -92,7 +104,7 @@ pub struct Broker<S: Store> {
     scratch: HashMap<ClientId, Aggregate>,
     assigned_ids: u64,
     boot_id: u64,
-    last_sweep: Option<Instant>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
 }
 
 impl<S: Store> std::fmt::Debug for Broker<S> {
@@ -128,6 +140,7 @@ impl<S: Store> Broker<S> {
     ) -> Result<Self, StoreError> {
         let mut router = Router::new();
         let mut sessions = HashMap::new();
+        let mut timers = BinaryHeap::new();
         for mut state in store.load_sessions()? {
             for (filter, sub) in &state.subscriptions {
                 if let Ok(spec) = parse_filter(filter, usize::MAX, usize::MAX) {
@@ -136,14 +149,24 @@ impl<S: Store> Broker<S> {
             }
             // Restarted: the expiry clock runs from now.
             if state.expiry_interval != u32::MAX {
-                state.expires_at =
-                    Some(now + Duration::from_secs(u64::from(state.expiry_interval)));
+                let at = now + Duration::from_secs(u64::from(state.expiry_interval));
+                state.expires_at = Some(at);
+                timers.push(Reverse((at, Timer::Expiry(state.client_id.clone()))));
+            }
+            if let Some(w) = &state.pending_will {
+                timers.push(Reverse((
+                    w.publish_at,
+                    Timer::Will(state.client_id.clone()),
+                )));
             }
             sessions.insert(state.client_id.clone(), Session { state, link: None });
         }
         let mut retained = RetainStore::new();
         for m in store.load_retained()? {
             let topic = m.topic.clone();
+            if let Some(at) = m.expires_at {
+                timers.push(Reverse((at, Timer::RetainedExpiry(topic.clone()))));
+            }
             retained.insert(topic.as_str(), m);
         }
         Metrics::set(&metrics.sessions, sessions.len() as u64);
@@ -168,7 +191,7 @@ impl<S: Store> Broker<S> {
                     .build_hasher()
                     .finish()
             },
-            last_sweep: None,
+            timers,
         })
     }
 
@@ -353,6 +376,11 @@ impl<S: Store> Broker<S> {
             will,
             problem_info: props.request_problem_information.unwrap_or(true),
         });
+        if ka > 0 {
+            let timeout = Duration::from_millis(u64::from(ka) * 1500);
+            self.timers
+                .push(Reverse((now + timeout, Timer::KeepAlive(conn))));
+        }
         self.conns.insert(conn, client_id.clone());
         Metrics::add(&self.metrics.clients_connected, 1);
         Metrics::set(&self.metrics.sessions, self.sessions.len() as u64);
@@ -621,6 +649,10 @@ impl<S: Store> Broker<S> {
                 self.retained.remove(topic);
                 self.store.remove_retained(topic)
             } else {
+                if let Some(at) = message.expires_at {
+                    self.timers
+                        .push(Reverse((at, Timer::RetainedExpiry(message.topic.clone()))));
+                }
                 self.retained.insert(topic, message.clone());
                 self.store.save_retained(&message)
             };
@@ -830,6 +862,7 @@ impl<S: Store> Broker<S> {
         let session = self.session_mut(&client_id);
         let expiry = session.state.expiry_interval;
         let mut wills = Vec::new();
+        let mut new_timers = Vec::new();
         if let Some(w) = link.will {
             let delay = w.delay.min(expiry);
             if delay == 0 {
@@ -838,10 +871,12 @@ impl<S: Store> Broker<S> {
                 let mut m = w.message;
                 m.expires_at = None;
                 m.properties.message_expiry_interval = w.expiry_interval;
+                let publish_at = now + Duration::from_secs(u64::from(delay));
                 session.state.pending_will = Some(PendingWill {
                     message: Arc::new(m),
-                    publish_at: now + Duration::from_secs(u64::from(delay)),
+                    publish_at,
                 });
+                new_timers.push(Reverse((publish_at, Timer::Will(client_id.clone()))));
             }
         }
         if expiry == 0 {
@@ -850,8 +885,11 @@ impl<S: Store> Broker<S> {
             }
         } else {
             if expiry != u32::MAX {
-                session.state.expires_at = Some(now + Duration::from_secs(u64::from(expiry)));
+                let at = now + Duration::from_secs(u64::from(expiry));
+                session.state.expires_at = Some(at);
+                new_timers.push(Reverse((at, Timer::Expiry(client_id.clone()))));
             }
+            self.timers.extend(new_timers);
             self.mark_dirty(&client_id);
         }
         tracing::debug!(client = %client_id, conn, ?reason, "disconnected");
@@ -893,57 +931,75 @@ impl<S: Store> Broker<S> {
 
     /// Time passed: keep-alive timeouts, delayed wills, session and retained-message expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let mut timed_out = Vec::new();
-        let mut wills = Vec::new();
-        let mut expired = Vec::new();
-        for (id, s) in &mut self.sessions {
-            match &s.link {
-                Some(link) => {
-                    if !link.keep_alive_timeout.is_zero()
-                        && now.duration_since(link.last_seen) > link.keep_alive_timeout
-                    {
-                        timed_out.push(link.conn);
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, timer))) = self.timers.pop() else {
+                break;
+            };
+            match timer {
+                Timer::KeepAlive(conn) => self.check_keep_alive(conn, now),
+                Timer::Will(client) => {
+                    let due = self
+                        .sessions
+                        .get_mut(&client)
+                        .filter(|s| s.link.is_none())
+                        .and_then(|s| s.state.pending_will.take_if(|w| now >= w.publish_at));
+                    if let Some(w) = due {
+                        let exp = w.message.properties.message_expiry_interval;
+                        self.publish_will((*w.message).clone(), exp, now);
+                        self.mark_dirty(&client);
                     }
                 }
-                None => {
-                    if let Some(w) = s.state.pending_will.take_if(|w| now >= w.publish_at) {
-                        wills.push(w);
+                Timer::Expiry(client) => {
+                    let due = self.sessions.get(&client).is_some_and(|s| {
+                        s.link.is_none() && s.state.expires_at.is_some_and(|at| now >= at)
+                    });
+                    if due && let Some(old) = self.sessions.remove(&client) {
+                        tracing::debug!(client = %client, "session expired");
+                        let mut wills = Vec::new();
+                        self.forget_session(old, now, &mut wills);
+                        for (m, exp) in wills {
+                            self.publish_will(m, exp, now);
+                        }
                     }
-                    if s.state.expires_at.is_some_and(|at| now >= at) {
-                        expired.push(id.clone());
+                }
+                Timer::RetainedExpiry(topic) => {
+                    let expired = self
+                        .retained
+                        .get(topic.as_str())
+                        .is_some_and(|m| m.is_expired(now));
+                    if expired {
+                        self.retained.remove(topic.as_str());
+                        if let Err(e) = self.store.remove_retained(topic.as_str()) {
+                            tracing::error!(error = %e, "cannot remove retained message");
+                        }
+                        Metrics::set(&self.metrics.retained_messages, self.retained.len() as u64);
                     }
                 }
             }
         }
-        for conn in timed_out {
+    }
+
+    fn check_keep_alive(&mut self, conn: ConnId, now: Instant) {
+        let Some(link) = self
+            .conns
+            .get(&conn)
+            .and_then(|c| self.sessions.get(c))
+            .and_then(|s| s.link.as_ref())
+            .filter(|l| l.conn == conn && !l.keep_alive_timeout.is_zero())
+        else {
+            return; // Stale: the connection is gone.
+        };
+        let deadline = link.last_seen + link.keep_alive_timeout;
+        if now > deadline {
             tracing::debug!(conn, "keep alive timeout");
             self.drop_link(conn, Some(ReasonCode::KeepAliveTimeout), true, now);
-        }
-        for w in wills {
-            let exp = w.message.properties.message_expiry_interval;
-            self.publish_will((*w.message).clone(), exp, now);
-        }
-        let mut session_wills = Vec::new();
-        for id in expired {
-            if let Some(old) = self.sessions.remove(&id) {
-                tracing::debug!(client = %id, "session expired");
-                self.forget_session(old, now, &mut session_wills);
-            }
-        }
-        for (m, _) in session_wills {
-            let exp = m.properties.message_expiry_interval;
-            self.publish_will(m, exp, now);
-        }
-        if self
-            .last_sweep
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            self.last_sweep = Some(now);
-            let before = self.retained.len();
-            self.retained.retain_values(|m| !m.is_expired(now));
-            if self.retained.len() != before {
-                Metrics::set(&self.metrics.retained_messages, self.retained.len() as u64);
-            }
+        } else {
+            // Heard from since: check again just after the new deadline.
+            let next = deadline + Duration::from_millis(1);
+            self.timers.push(Reverse((next, Timer::KeepAlive(conn))));
         }
     }
 

@@ -1114,3 +1114,38 @@ fn delayed_will_published_at_session_end_keeps_its_expiry() {
     h.connect(3, connect(V5, "b"));
     assert_eq!(payloads(&h.out(9)), vec!["gone"]);
 }
+
+#[test]
+fn expired_retained_messages_are_removed_by_their_timer() {
+    let mut h = H::new();
+    h.connect(1, connect(V5, "p"));
+    let mut p = Publish::new(
+        Topic::new("r/x").expect("t"),
+        QoS::AtMostOnce,
+        None,
+        Bytes::from_static(b"soon gone"),
+    );
+    p.retain = true;
+    p.properties.message_expiry_interval = Some(5);
+    h.send(1, Packet::Publish(p));
+    assert_eq!(h.b.store().retained_count(), 1);
+    h.advance(Duration::from_secs(4));
+    assert_eq!(h.b.store().retained_count(), 1);
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.b.store().retained_count(), 0);
+    assert_eq!(h.b.retained.len(), 0);
+}
+
+#[test]
+fn keep_alive_timer_of_a_taken_over_connection_is_stale() {
+    let mut h = H::new();
+    let mut c = persistent(V5, "k");
+    c.keep_alive = 2;
+    h.connect(1, c);
+    // Taken over by a connection without keep alive: the old timer must not close it.
+    h.connect(2, persistent(V5, "k"));
+    h.drain();
+    h.advance(Duration::from_secs(10));
+    assert!(h.out(2).is_empty());
+    assert_eq!(h.b.connected(), 1);
+}

@@ -65,6 +65,15 @@ impl<V> RetainStore<V> {
         }
     }
 
+    /// The retained message of exactly `topic`.
+    pub fn get(&self, topic: &str) -> Option<&V> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.value.as_ref()
+    }
+
     /// Clears the retained message of `topic` (a PUBLISH with retain and an empty payload).
     pub fn remove(&mut self, topic: &str) -> Option<V> {
         let levels: Vec<&str> = topic.split('/').collect();

@@ -164,10 +164,23 @@ impl Running {
 
 /// Binds the listeners and starts the broker's tasks.
 pub async fn start(config: Config) -> std::io::Result<Running> {
-    let listener = TcpListener::bind(config.listen).await?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen for MQTT on {} (`listen`): {e}",
+                config.listen
+            ),
+        )
+    })?;
     let mqtt_addr = listener.local_addr()?;
     let http = match config.http_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await?),
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen for HTTP on {addr} (`http_listen`): {e}"),
+            )
+        })?),
         None => None,
     };
     let http_addr = match &http {

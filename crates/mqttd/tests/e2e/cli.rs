@@ -129,3 +129,16 @@ fn json_logs_and_anonymous_never() {
         "not JSON: {logs}"
     );
 }
+
+#[test]
+fn busy_port_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = mqttd(&["--listen", &addr, "--http-enabled", "false"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen for MQTT on {addr} (`listen`)")),
+        "{err}"
+    );
+}

@@ -104,6 +104,8 @@ pub struct Broker<S: Store> {
     scratch: HashMap<ClientId, Aggregate>,
     assigned_ids: u64,
     boot_id: u64,
+    /// `store.is_persistent()`, read once.
+    persist: bool,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
 }
 
@@ -173,6 +175,7 @@ impl<S: Store> Broker<S> {
         Metrics::set(&metrics.subscriptions, router.len() as u64);
         Metrics::set(&metrics.retained_messages, retained.len() as u64);
         Ok(Broker {
+            persist: store.is_persistent(),
             opts,
             router,
             retained,
@@ -534,10 +537,11 @@ impl<S: Store> Broker<S> {
     }
 
     fn mark_dirty(&mut self, client_id: &ClientId) {
-        if self
-            .sessions
-            .get(client_id)
-            .is_some_and(|s| s.state.is_persistent())
+        if self.persist
+            && self
+                .sessions
+                .get(client_id)
+                .is_some_and(|s| s.state.is_persistent())
             && !self.dirty.contains(client_id)
         {
             self.dirty.insert(client_id.clone());
@@ -647,14 +651,22 @@ impl<S: Store> Broker<S> {
             let topic = message.topic.as_str();
             let res = if message.payload.is_empty() {
                 self.retained.remove(topic);
-                self.store.remove_retained(topic)
+                if self.persist {
+                    self.store.remove_retained(topic)
+                } else {
+                    Ok(())
+                }
             } else {
                 if let Some(at) = message.expires_at {
                     self.timers
                         .push(Reverse((at, Timer::RetainedExpiry(message.topic.clone()))));
                 }
                 self.retained.insert(topic, message.clone());
-                self.store.save_retained(&message)
+                if self.persist {
+                    self.store.save_retained(&message)
+                } else {
+                    Ok(())
+                }
             };
             if let Err(e) = res {
                 tracing::error!(error = %e, "cannot store retained message");

@@ -1149,3 +1149,30 @@ fn keep_alive_timer_of_a_taken_over_connection_is_stale() {
     assert!(h.out(2).is_empty());
     assert_eq!(h.b.connected(), 1);
 }
+
+#[test]
+fn volatile_store_takes_no_snapshots() {
+    let metrics = Arc::new(Metrics::new());
+    let now = Instant::now();
+    let opts = BrokerOptions {
+        limits: Limits::default(),
+        allow_anonymous: Anonymous::Loopback,
+    };
+    let mut b = Broker::new(opts, MemoryStore::volatile(), metrics, now).expect("broker");
+    b.handle_connect(1, LOCAL, persistent(V5, "s"), now);
+    b.handle_packet(1, sub(1, "t", QoS::AtLeastOnce), now);
+    let mut p = Publish::new(
+        Topic::new("t").expect("t"),
+        QoS::AtMostOnce,
+        None,
+        Bytes::from_static(b"r"),
+    );
+    p.retain = true;
+    b.handle_packet(1, Packet::Publish(p), now);
+    b.flush_store();
+    assert_eq!(b.store().session_count(), 0);
+    assert_eq!(b.store().retained_count(), 0);
+    // The broker itself still has both.
+    assert!(b.has_session("s"));
+    assert_eq!(b.retained.len(), 1);
+}

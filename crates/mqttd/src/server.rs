@@ -197,7 +197,8 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
             limits: config.limits.clone(),
             allow_anonymous: config.allow_anonymous,
         },
-        MemoryStore::new(),
+        // `storage = "memory"`: the broker's own state is the only copy.
+        MemoryStore::volatile(),
         metrics.clone(),
         Instant::now(),
     )

@@ -136,19 +136,45 @@ pub trait Store: Send + 'static {
     fn save_retained(&mut self, message: &SharedMessage) -> Result<(), StoreError>;
     /// Clears the retained message of a topic.
     fn remove_retained(&mut self, topic: &str) -> Result<(), StoreError>;
+    /// Whether saving is worth anything: `false` lets the broker skip every save (a volatile
+    /// store whose contents die with the process anyway).
+    fn is_persistent(&self) -> bool {
+        true
+    }
 }
 
-/// Keeps everything in memory: for tests and `storage = "memory"`.
-#[derive(Debug, Default)]
+/// Keeps everything in memory. [`MemoryStore::new`] keeps snapshots (tests restore a broker
+/// from them); [`MemoryStore::volatile`] is what `storage = "memory"` runs with: the broker's
+/// own state is the only copy, so no per-change snapshot is taken.
+#[derive(Debug)]
 pub struct MemoryStore {
     sessions: HashMap<ClientId, SessionState>,
     retained: HashMap<String, SharedMessage>,
+    keep: bool,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store that keeps snapshots.
     pub fn new() -> Self {
-        Self::default()
+        MemoryStore {
+            sessions: HashMap::new(),
+            retained: HashMap::new(),
+            keep: true,
+        }
+    }
+
+    /// An empty store that keeps nothing: state lives only in the broker.
+    pub fn volatile() -> Self {
+        MemoryStore {
+            keep: false,
+            ..Self::new()
+        }
     }
 
     /// The stored state of a session, if any.
@@ -195,5 +221,9 @@ impl Store for MemoryStore {
     fn remove_retained(&mut self, topic: &str) -> Result<(), StoreError> {
         self.retained.remove(topic);
         Ok(())
+    }
+
+    fn is_persistent(&self) -> bool {
+        self.keep
     }
 }

@@ -8,8 +8,9 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
-use crate::packet::{Connect, Packet};
+use crate::packet::{Connect, Packet, Publish};
 use crate::protocol::{PacketType, ProtocolVersion};
+use crate::wire::Reader;
 use crate::wire::{VarInt, read_varint};
 
 /// What the fixed header at the start of a buffer says.
@@ -79,7 +80,18 @@ pub fn decode(
     let first = buf[0];
     let mut body = buf.split_to(len).freeze();
     body.advance(header);
-    Packet::decode_body(first, body, version).map(Some)
+    decode_split(first, body, version).map(Some)
+}
+
+/// PUBLISH first, on its own small path; everything else through the general dispatcher,
+/// which is kept out of line so the hot path's stack frame stays small.
+#[inline(always)]
+fn decode_split(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packet, DecodeError> {
+    if first >> 4 == PacketType::Publish as u8 {
+        Publish::decode(first & 0x0F, Reader::new(body), version).map(Packet::Publish)
+    } else {
+        Packet::decode_body(first, body, version)
+    }
 }
 
 /// The total length and fixed header length of the complete packet at the start of `buf`,
@@ -117,7 +129,7 @@ pub fn decode_bytes(
     let first = buf[0];
     let mut body = buf.split_to(len);
     body.advance(header);
-    Packet::decode_body(first, body, version).map(Some)
+    decode_split(first, body, version).map(Some)
 }
 
 /// Decodes the first packet of a connection, which must be a CONNECT, before the protocol

@@ -105,25 +105,31 @@ pub(crate) fn check_str_scan(bytes: &[u8]) -> Result<Scan, DecodeError> {
     if bytes.len() > MAX_STRING_LEN {
         return Err(DecodeError::StringTooLong(bytes.len()));
     }
-    let mut chunks = bytes.chunks_exact(8);
     let mut any = 0u64; // OR of all words: its high bits tell whether anything was non-ASCII.
     let mut nul = false;
     let mut wild = false;
-    for c in &mut chunks {
-        let v = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+    let mut word = |v: u64| {
         any |= v;
         nul |= has_zero(v);
         wild |= has_zero(v ^ (LO * b'+' as u64)) | has_zero(v ^ (LO * b'#' as u64));
-    }
-    let tail = chunks.remainder();
-    if !tail.is_empty() {
-        // One more word, padded with a byte that is neither special nor non-ASCII.
-        let mut w = [b'a'; 8];
-        w[..tail.len()].copy_from_slice(tail);
-        let v = u64::from_le_bytes(w);
-        any |= v;
-        nul |= has_zero(v);
-        wild |= has_zero(v ^ (LO * b'+' as u64)) | has_zero(v ^ (LO * b'#' as u64));
+    };
+    let load = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+    if bytes.len() >= 8 {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            word(load(c));
+        }
+        if !chunks.remainder().is_empty() {
+            // The last eight bytes, overlapping the previous word: no padding, no copy.
+            word(load(&bytes[bytes.len() - 8..]));
+        }
+    } else {
+        // Short: build one word, padded with a byte that is neither special nor non-ASCII.
+        let mut v = LO * u64::from(b'a');
+        for (i, &b) in bytes.iter().enumerate() {
+            v = (v & !(0xFF << (8 * i))) | (u64::from(b) << (8 * i));
+        }
+        word(v);
     }
     if any & HI != 0 {
         // Non-ASCII somewhere: the standard check. (The zero tests above are exact for any byte

@@ -86,6 +86,7 @@ impl Packet {
 
     /// Decodes the variable header and payload of one packet, `body` being exactly the
     /// `remaining length` bytes after a fixed header whose first byte is `first`.
+    #[inline(never)]
     pub(crate) fn decode_body(
         first: u8,
         body: Bytes,

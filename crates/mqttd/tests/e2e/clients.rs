@@ -146,7 +146,10 @@ impl V5 {
     /// Collects PUBLISHes until none arrives for `quiet`.
     pub async fn drain_publishes(&mut self, quiet: Duration) -> Vec<r5::mqttbytes::v5::Publish> {
         let mut out = Vec::new();
-        while let Ok(Some(p)) = tokio::time::timeout(quiet, self.rx.recv()).await {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline
+            && let Ok(Some(p)) = tokio::time::timeout(quiet, self.rx.recv()).await
+        {
             if let P5::Publish(p) = p {
                 out.push(p);
             }
@@ -357,7 +360,10 @@ async fn shared_subscription_splits_load_across_three_subscribers() {
         counts.push(s.drain_publishes(Duration::from_millis(700)).await.len());
     }
     let mut n3 = 0;
-    while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(700), v3.rx.recv()).await {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline
+        && let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(700), v3.rx.recv()).await
+    {
         if matches!(p, rumqttc::Packet::Publish(_)) {
             n3 += 1;
         }

@@ -237,9 +237,14 @@ impl Raw {
 
     /// Reads until the broker closes the connection; returns every packet seen before.
     pub async fn until_closed(&mut self) -> Vec<Packet> {
+        let deadline = std::time::Instant::now() + WAIT;
         let mut seen = Vec::new();
         while let Some(p) = self.recv().await {
             seen.push(p);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still open after {WAIT:?}: {seen:?}"
+            );
         }
         seen
     }

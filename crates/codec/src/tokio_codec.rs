@@ -54,3 +54,42 @@ impl Encoder<Packet> for Codec {
         Ok(Codec::encode(self, &item, dst)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Connect, MqttString, ProtocolVersion};
+
+    #[test]
+    fn decoder_fixes_the_version_from_connect_and_reserves() {
+        let mut codec = Codec::new(1024);
+        let connect = Connect::new(
+            ProtocolVersion::V3_1_1,
+            MqttString::try_from("c").unwrap_or_default(),
+            30,
+        );
+        let mut wire = BytesMut::new();
+        Encoder::encode(&mut codec, Packet::from(connect.clone()), &mut wire).unwrap_or(());
+        Encoder::encode(&mut codec, &Packet::PingReq, &mut wire).unwrap_or(());
+        let mut partial = wire.split_to(3);
+        assert!(matches!(
+            Decoder::decode(&mut codec, &mut partial),
+            Ok(None)
+        ));
+        assert!(partial.capacity() >= wire.len());
+        partial.unsplit(wire);
+        assert!(
+            matches!(Decoder::decode(&mut codec, &mut partial), Ok(Some(Packet::Connect(c))) if *c == connect)
+        );
+        assert_eq!(codec.version(), Some(ProtocolVersion::V3_1_1));
+        assert!(matches!(
+            Decoder::decode(&mut codec, &mut partial),
+            Ok(Some(Packet::PingReq))
+        ));
+        let mut big = BytesMut::from(&[0x30u8, 0xFF, 0x7F][..]);
+        assert!(matches!(
+            Decoder::decode(&mut codec, &mut big),
+            Err(CodecError::Decode(DecodeError::PacketTooLarge { .. }))
+        ));
+    }
+}

@@ -237,13 +237,15 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// rumqttd from the crates registry, installed once into `target/peers`.
-fn rumqttd(root: &Path) -> Peer {
+/// rumqttd from the crates registry, installed once into `target/peers`; the string says how.
+fn rumqttd(root: &Path) -> (Peer, String) {
     let peers = root.join("target/peers");
     let bin = peers.join("bin/rumqttd");
     let stamp = peers.join(format!("rumqttd-{RUMQTTD_VERSION}.installed"));
-    if bin.exists() && stamp.exists() {
-        return Peer::Ready(bin);
+    if bin.exists()
+        && let Ok(how) = fs::read_to_string(&stamp)
+    {
+        return (Peer::Ready(bin), how.trim().to_string());
     }
     let spec = format!("rumqttd@{RUMQTTD_VERSION}");
     let peers_s = peers.to_string_lossy().to_string();
@@ -258,19 +260,27 @@ fn rumqttd(root: &Path) -> Peer {
     eprintln!("xtask: installing {spec} into target/peers (once)");
     let mut with_lock = base.to_vec();
     with_lock.insert(1, "--locked");
-    if cargo(root, &with_lock).is_err() {
-        // rumqttd 0.20.0's lock file pins metrics 0.22.1, which newer rustc rejects (E0521);
-        // resolving its dependencies afresh picks the fixed 0.22.x release.
+    let how = if cargo(root, &with_lock).is_ok() {
+        format!("`cargo install --locked {spec} --no-default-features`")
+    } else {
+        // rumqttd 0.20.0's lock file pins metrics 0.22.1, which rustc 1.95 rejects (E0521);
+        // resolving its dependencies afresh picks a fixed 0.22.x release.
         eprintln!("xtask: `cargo install --locked {spec}` failed; retrying without --locked");
         if let Err(e) = cargo(root, &base) {
-            return Peer::Unavailable(format!("`cargo install {spec}` failed here: {e:#}"));
+            let why = format!("`cargo install {spec}` failed here: {e:#}");
+            return (Peer::Unavailable(why.clone()), why);
         }
-    }
-    let _ = fs::write(&stamp, format!("{spec}\n"));
+        format!(
+            "`cargo install {spec} --no-default-features` without `--locked` (its lock file's \
+             metrics 0.22.1 does not build on this rustc)"
+        )
+    };
+    let _ = fs::write(&stamp, format!("{how}\n"));
     if bin.exists() {
-        Peer::Ready(bin)
+        (Peer::Ready(bin), how)
     } else {
-        Peer::Unavailable(format!("{spec} installed no bin/rumqttd"))
+        let why = format!("{spec} installed no bin/rumqttd");
+        (Peer::Unavailable(why.clone()), why)
     }
 }
 
@@ -461,6 +471,7 @@ fn broker_matrix(root: &Path, o: &Options) -> Result<()> {
     let release = root.join("target/release");
     let bench = release.join("mqttd-bench");
     let mut peers: BTreeMap<BrokerKind, Peer> = BTreeMap::new();
+    let mut rumqttd_how = String::new();
     for &kind in &o.brokers {
         let peer = match kind {
             BrokerKind::Mqttd => Peer::Ready(release.join("mqttd")),
@@ -470,7 +481,11 @@ fn broker_matrix(root: &Path, o: &Options) -> Result<()> {
             BrokerKind::Mosquitto => {
                 Peer::Unavailable(format!("{MOSQUITTO} missing (apt-get install mosquitto)"))
             }
-            BrokerKind::Rumqttd => rumqttd(root),
+            BrokerKind::Rumqttd => {
+                let (peer, how) = rumqttd(root);
+                rumqttd_how = how;
+                peer
+            }
         };
         if let Peer::Unavailable(why) = &peer {
             eprintln!("xtask: {} unavailable: {why}", kind.name());
@@ -501,6 +516,7 @@ fn broker_matrix(root: &Path, o: &Options) -> Result<()> {
     let work = root.join("target/bench-work");
     fs::create_dir_all(&work)?;
     let limit = Duration::from_secs(o.duration_secs + 60);
+    let load_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut results = Results::new();
     let mut raw = String::new();
     let ready: Vec<(BrokerKind, PathBuf)> = o
@@ -548,7 +564,13 @@ fn broker_matrix(root: &Path, o: &Options) -> Result<()> {
             }
         }
     }
-    let md = markdown(o, &cases, &peers, &results, started.elapsed());
+    let env = Environment {
+        rumqttd_how,
+        load_before,
+        load_after: fs::read_to_string("/proc/loadavg").unwrap_or_default(),
+        took: started.elapsed(),
+    };
+    let md = markdown(o, &cases, &peers, &results, &env);
     fs::write(out_dir.join("broker-matrix.md"), md)?;
     fs::write(out_dir.join("broker-matrix.jsonl"), raw)?;
     chart(
@@ -592,13 +614,22 @@ fn version_of(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// Facts about the run for the report's header.
+struct Environment {
+    rumqttd_how: String,
+    load_before: String,
+    load_after: String,
+    took: Duration,
+}
+
 fn markdown(
     o: &Options,
     cases: &[&Case],
     peers: &BTreeMap<BrokerKind, Peer>,
     results: &Results,
-    took: Duration,
+    env: &Environment,
 ) -> String {
+    let took = env.took;
     let brokers = &o.brokers;
     let mut s = String::new();
     let _ = writeln!(s, "# Broker benchmark matrix\n");
@@ -615,10 +646,24 @@ fn markdown(
         s,
         "- Machine: {cpus} CPUs shared by the brokers and the load generator (loopback TCP), Linux {kernel}."
     );
+    let loadavg = |l: &str| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let _ = writeln!(
         s,
-        "- mqttd at {rev}; {}; rumqttd {RUMQTTD_VERSION} (crates registry, TCP only).",
-        version_of(MOSQUITTO, &["-h"])
+        "- Load average (1/5/15 min) before the matrix: {}; after: {} (other work on the machine \
+         skews absolute numbers; the alternating order spreads it over the brokers).",
+        loadavg(&env.load_before),
+        loadavg(&env.load_after)
+    );
+    let _ = writeln!(
+        s,
+        "- mqttd at {rev}; {}; rumqttd {RUMQTTD_VERSION} from the crates registry, TCP only, \
+         installed with {}.",
+        version_of(MOSQUITTO, &["-h"]),
+        if env.rumqttd_how.is_empty() {
+            "—"
+        } else {
+            &env.rumqttd_how
+        }
     );
     let _ = writeln!(
         s,

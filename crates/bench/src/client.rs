@@ -33,6 +33,8 @@ const MAX_PACKET: usize = 16 << 20;
 const WRITE_BATCH: usize = 64 * 1024;
 /// Read buffer headroom reserved before each read.
 const READ_CHUNK: usize = 64 * 1024;
+/// Initial capacity of each connection's read and write buffers.
+const INITIAL_BUFFER: usize = 4096;
 /// Time allowed for TCP connect plus CONNECT/CONNACK, and for SUBSCRIBE/SUBACK.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -100,8 +102,9 @@ impl<T: Transport> Conn<T> {
         let mut conn = Self {
             reader,
             writer,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: BytesMut::with_capacity(WRITE_BATCH + 1024),
+            // Small at first: idle connections (conn-storm) stay cheap; busy ones grow.
+            rbuf: BytesMut::with_capacity(INITIAL_BUFFER),
+            wbuf: BytesMut::with_capacity(INITIAL_BUFFER),
             version,
             receive_maximum: u16::MAX,
             keep_alive: Duration::from_secs(keep_alive.into()),
@@ -138,7 +141,7 @@ impl<T: Transport> Conn<T> {
             if let Some(p) = decode(&mut self.rbuf, self.version, MAX_PACKET)? {
                 return Ok(p);
             }
-            self.rbuf.reserve(READ_CHUNK);
+            self.rbuf.reserve(INITIAL_BUFFER);
             if self.reader.read_buf(&mut self.rbuf).await? == 0 {
                 bail!("the broker closed the connection");
             }

@@ -80,17 +80,21 @@ pub fn decode(
     let first = buf[0];
     let mut body = buf.split_to(len).freeze();
     body.advance(header);
-    decode_split(first, body, version).map(Some)
+    decode_split(first, body, version)
 }
 
-/// PUBLISH first, on its own small path; everything else through the general dispatcher,
-/// which is kept out of line so the hot path's stack frame stays small.
+/// PUBLISH first, on its own small path built in place; everything else through the general
+/// dispatcher, which is kept out of line so the hot path's stack frame stays small.
 #[inline(always)]
-fn decode_split(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packet, DecodeError> {
+fn decode_split(
+    first: u8,
+    body: Bytes,
+    version: ProtocolVersion,
+) -> Result<Option<Packet>, DecodeError> {
     if first >> 4 == PacketType::Publish as u8 {
-        Publish::decode(first & 0x0F, Reader::new(body), version).map(Packet::Publish)
+        Publish::decode_some(first & 0x0F, Reader::new(body), version)
     } else {
-        Packet::decode_body(first, body, version)
+        Packet::decode_body(first, body, version).map(Some)
     }
 }
 
@@ -129,7 +133,7 @@ pub fn decode_bytes(
     let first = buf[0];
     let mut body = buf.split_to(len);
     body.advance(header);
-    decode_split(first, body, version).map(Some)
+    decode_split(first, body, version)
 }
 
 /// Decodes the first packet of a connection, which must be a CONNECT, before the protocol

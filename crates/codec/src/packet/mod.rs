@@ -95,7 +95,10 @@ impl Packet {
         let ptype = header_type(first, version)?;
         let r = Reader::new(body);
         Ok(match ptype {
-            PacketType::Publish => Self::Publish(Publish::decode(first & 0x0F, r, version)?),
+            PacketType::Publish => {
+                return Publish::decode_some(first & 0x0F, r, version)?
+                    .ok_or(DecodeError::UnexpectedEof);
+            }
             PacketType::PubAck => Self::PubAck(PubAck::decode(r, version)?),
             PacketType::PubRec => Self::PubRec(PubRec::decode(r, version)?),
             PacketType::PubRel => Self::PubRel(PubRel::decode(r, version)?),

@@ -4,6 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
+use crate::packet::Packet;
 use crate::properties::{PublishProperties, section_len};
 use crate::protocol::{PacketId, ProtocolVersion, QoS};
 use crate::topic::Topic;
@@ -42,12 +43,15 @@ impl Publish {
         }
     }
 
-    #[inline]
-    pub(crate) fn decode(
+    /// Decodes the variable header and payload, building the packet directly in the caller's
+    /// `Result<Option<Packet>>` so the 250-byte value is not copied from one wrapper to the next
+    /// on the hot path (always `Some` on success).
+    #[inline(always)]
+    pub(crate) fn decode_some(
         flags: u8,
         mut r: Reader,
         version: ProtocolVersion,
-    ) -> Result<Self, DecodeError> {
+    ) -> Result<Option<Packet>, DecodeError> {
         let dup = flags & 0b1000 != 0;
         let qos = QoS::from_u8((flags >> 1) & 0b11).ok_or(DecodeError::InvalidQoS)?;
         let retain = flags & 0b0001 != 0;
@@ -60,25 +64,30 @@ impl Publish {
         } else {
             Some(PacketId::new(r.u16()?).ok_or(DecodeError::ZeroPacketId)?)
         };
-        let properties = if version.is_v5() {
-            let p = PublishProperties::decode(&mut r)?;
-            if topic.is_empty() && p.topic_alias.is_none() {
+        if version.is_v5() {
+            let properties = PublishProperties::decode(&mut r)?;
+            if topic.is_empty() && properties.topic_alias.is_none() {
                 return Err(DecodeError::EmptyTopicWithoutAlias);
             }
-            p
-        } else {
-            PublishProperties::default()
-        };
-        let payload = r.rest();
-        Ok(Self {
+            return Ok(Some(Packet::Publish(Self {
+                dup,
+                qos,
+                retain,
+                topic,
+                packet_id,
+                properties,
+                payload: r.rest(),
+            })));
+        }
+        Ok(Some(Packet::Publish(Self {
             dup,
             qos,
             retain,
             topic,
             packet_id,
-            properties,
-            payload,
-        })
+            properties: PublishProperties::default(),
+            payload: r.rest(),
+        })))
     }
 
     #[inline]

@@ -46,7 +46,7 @@ pub enum Event {
         /// The decoded CONNECT.
         connect: Box<Connect>,
         /// Where the core sends its packets.
-        tx: mpsc::Sender<Transmit>,
+        tx: mpsc::Sender<Box<Transmit>>,
         /// Kills the connection when it cannot keep up.
         kill: Arc<Notify>,
     },
@@ -307,7 +307,8 @@ where
 {
     let (mut rd, mut wr) = tokio::io::split(io);
     let max = ctx.limits.max_packet_size as usize;
-    let mut buf = BytesMut::with_capacity(4096);
+    // Small at first: most connections are idle most of the time; it grows with the packets.
+    let mut buf = BytesMut::with_capacity(512);
     let connect = match tokio::time::timeout(
         ctx.limits.connect_timeout,
         read_connect(&mut rd, &mut buf, max, &ctx.metrics),
@@ -529,7 +530,7 @@ fn write_varint(buf: &mut BytesMut, mut v: usize) {
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
-    mut rx: mpsc::Receiver<Transmit>,
+    mut rx: mpsc::Receiver<Box<Transmit>>,
     version: ProtocolVersion,
     conn: ConnId,
     events: mpsc::Sender<Event>,
@@ -544,7 +545,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let mut publishes = 0;
         let mut close = false;
         for t in batch.drain(..) {
-            match t {
+            match *t {
                 Transmit::Packet(p) => {
                     if matches!(p, Packet::Publish(_)) {
                         publishes += 1;
@@ -580,7 +581,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 }
 
 struct Handle {
-    tx: mpsc::Sender<Transmit>,
+    tx: mpsc::Sender<Box<Transmit>>,
     kill: Arc<Notify>,
 }
 
@@ -643,8 +644,9 @@ async fn run_core(
                 for ev in batch.drain(..) {
                     if let Event::Connect { tx, .. } = ev {
                         // Accepted just before shutdown: refuse it politely.
-                        let _ = tx.try_send(Transmit::Packet(Packet::ConnAck(Box::new(ConnAck::new(ReasonCode::ServerShuttingDown)))));
-                        let _ = tx.try_send(Transmit::Close);
+                        let refuse = ConnAck::new(ReasonCode::ServerShuttingDown);
+                        let _ = tx.try_send(Box::new(Transmit::Packet(refuse.into())));
+                        let _ = tx.try_send(Box::new(Transmit::Close));
                     }
                 }
             }
@@ -687,7 +689,9 @@ fn dispatch(broker: &mut Broker<MemoryStore>, handles: &mut HashMap<ConnId, Hand
             continue;
         };
         let close = matches!(t, Transmit::Close);
-        match h.tx.try_send(t) {
+        // Boxed in the channel: a slot is a pointer, so an idle connection's channel block
+        // costs 32 pointers instead of 32 packets.
+        match h.tx.try_send(Box::new(t)) {
             Ok(()) if close => {
                 handles.remove(&conn);
             }

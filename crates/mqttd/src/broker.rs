@@ -256,6 +256,14 @@ impl<S: Store> Broker<S> {
                 "anonymous access is allowed on loopback only",
             );
         }
+        if connect.properties.authentication_method.is_some() {
+            // No enhanced authentication method is supported (yet).
+            return self.refuse(
+                conn,
+                ReasonCode::BadAuthenticationMethod,
+                "no authentication method is supported",
+            );
+        }
         let mut assigned = None;
         let client_id: ClientId = if connect.client_id.is_empty() {
             if !v.is_v5() && !connect.clean_start {

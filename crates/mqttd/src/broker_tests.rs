@@ -1176,3 +1176,13 @@ fn volatile_store_takes_no_snapshots() {
     assert!(b.has_session("s"));
     assert_eq!(b.retained.len(), 1);
 }
+
+#[test]
+fn enhanced_authentication_is_refused() {
+    let mut h = H::new();
+    let mut c = connect(V5, "auth");
+    c.properties.authentication_method = Some(mstr("SCRAM-SHA-1"));
+    let t = h.connect(1, c);
+    assert_eq!(connack(&t).reason_code, ReasonCode::BadAuthenticationMethod);
+    assert!(has_close(&t));
+}

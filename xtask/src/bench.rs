@@ -154,8 +154,8 @@ struct Case {
 
 fn cases(duration: u64) -> Vec<Case> {
     let d = duration.to_string();
-    let msgs = |scenario: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [scenario, "--mqtt", "3.1.1", "-s", "64", "-w", "64"]
+    let msgs = |scenario: &str, size: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [scenario, "--mqtt", "3.1.1", "-s", size, "-w", "64"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -168,44 +168,43 @@ fn cases(duration: u64) -> Vec<Case> {
             id: "fan-in-q0",
             title: "fan-in 4→1, QoS 0",
             measure: Measure::Throughput,
-            args: msgs("fan-in", &["--publishers", "4", "-q", "0"]),
+            args: msgs("fan-in", "64", &["--publishers", "4", "-q", "0"]),
         },
         Case {
             id: "fan-in-q1",
             title: "fan-in 4→1, QoS 1",
             measure: Measure::Throughput,
-            args: msgs("fan-in", &["--publishers", "4", "-q", "1"]),
+            args: msgs("fan-in", "64", &["--publishers", "4", "-q", "1"]),
         },
         Case {
             id: "fan-in-q1-4k",
             title: "fan-in 4→1, QoS 1, 4 KiB",
             measure: Measure::Throughput,
-            // `-s` given twice: clap keeps the last.
-            args: msgs("fan-in", &["--publishers", "4", "-q", "1", "-s", "4096"]),
+            args: msgs("fan-in", "4096", &["--publishers", "4", "-q", "1"]),
         },
         Case {
             id: "fan-out-q0",
             title: "fan-out 1→4, QoS 0",
             measure: Measure::Throughput,
-            args: msgs("fan-out", &["--subscribers", "4", "-q", "0"]),
+            args: msgs("fan-out", "64", &["--subscribers", "4", "-q", "0"]),
         },
         Case {
             id: "fan-out-q1",
             title: "fan-out 1→4, QoS 1",
             measure: Measure::Throughput,
-            args: msgs("fan-out", &["--subscribers", "4", "-q", "1"]),
+            args: msgs("fan-out", "64", &["--subscribers", "4", "-q", "1"]),
         },
         Case {
             id: "pairs-q1",
             title: "8 pairs, QoS 1",
             measure: Measure::Throughput,
-            args: msgs("pairs", &["--pairs", "8", "-q", "1"]),
+            args: msgs("pairs", "64", &["--pairs", "8", "-q", "1"]),
         },
         Case {
             id: "pairs-q1-5k",
             title: "8 pairs, QoS 1, fixed 5k msg/s total",
             measure: Measure::Latency,
-            args: msgs("pairs", &["--pairs", "8", "-q", "1", "-r", "625"]),
+            args: msgs("pairs", "64", &["--pairs", "8", "-q", "1", "-r", "625"]),
         },
         Case {
             id: "conn-storm",

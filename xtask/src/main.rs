@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <vendor | build | bindgen [--check] | run [ARGS...] | test | bench broker [OPTIONS]>";
+const USAGE: &str = "usage: cargo xtask <vendor | build | bindgen [--check] | run [ARGS...] | test | valgrind | bench broker [OPTIONS]>";
 
 fn main() {
     if let Err(err) = run_cli() {
@@ -43,6 +43,7 @@ fn run_cli() -> Result<()> {
         },
         Some("run") => run(&root, &args[1..]),
         Some("test") => test(&root),
+        Some("valgrind") => valgrind(&root),
         Some("bench") => bench::run(&root, &args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
@@ -115,8 +116,69 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
         "mqttd",
         "--",
     ];
+    // With no arguments, run the shipped default configuration (loopback MQTT on 1883).
+    let default_config = root.join("crates/mqttd/mqttd.toml");
+    let default_config = default_config.to_string_lossy();
+    if args.is_empty() {
+        cmd.extend(["--config", &*default_config]);
+    }
     cmd.extend(args.iter().map(String::as_str));
     cargo(root, &cmd)
+}
+
+/// Runs the in-memory TLS handshake tests under valgrind: no definitely-lost bytes, no invalid
+/// reads or writes (the FFI layers' memory contract).
+fn valgrind(root: &Path) -> Result<()> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        bail!("valgrind is not installed: install the Debian package `valgrind` (`.ci/run` does)");
+    }
+    let out = Command::new(sources::cargo())
+        .args([
+            "test",
+            "-p",
+            "mqttd-tls",
+            "--test",
+            "handshake",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(root)
+        .output()
+        .context("cannot run cargo to build the handshake tests")?;
+    if !out.status.success() {
+        bail!(
+            "building the handshake tests failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let exe = stdout
+        .lines()
+        .filter(|l| l.contains("\"name\":\"handshake\"") && l.contains("\"test\":true"))
+        .find_map(|l| {
+            let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = l[start..].find('"')? + start;
+            Some(l[start..end].to_owned())
+        })
+        .context("cargo did not report the handshake test executable")?;
+    let supp = root.join("crates/tls/tests/valgrind.supp");
+    let status = Command::new("valgrind")
+        .args([
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--error-exitcode=1",
+            "--quiet",
+        ])
+        .arg(format!("--suppressions={}", supp.display()))
+        .arg(&exe)
+        .args(["--test-threads=1"])
+        .current_dir(root)
+        .status()
+        .context("cannot run valgrind")?;
+    if !status.success() {
+        bail!("valgrind found memory errors or definite leaks in the TLS handshake tests");
+    }
+    Ok(())
 }
 
 fn test(root: &Path) -> Result<()> {
@@ -142,6 +204,7 @@ fn test(root: &Path) -> Result<()> {
         bindings::check_all(root, &root.join("target/c/include"))
     })?;
     step("cargo test", || cargo(root, &["test", "--workspace"]))?;
+    step("valgrind (mqttd-tls handshakes)", || valgrind(root))?;
     eprintln!(
         "xtask: all checks passed in {:.0}s",
         started.elapsed().as_secs_f64()

@@ -187,6 +187,7 @@ impl ConnInner {
 /// Drives one connection: timers, packet writes, wake-ups. Runs until the connection drained.
 pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
     const MAX_BATCHES: usize = 8;
+    const PACING_SPIN: Duration = Duration::from_millis(1);
     let max_gso = endpoint.max_gso_segments();
     let mut bufs: Vec<Vec<u8>> = (0..MAX_BATCHES).map(|_| Vec::new()).collect();
     let mut transmits: Vec<proto::Transmit> = Vec::with_capacity(MAX_BATCHES);
@@ -223,6 +224,21 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
         if transmits.len() == MAX_BATCHES {
             tokio::task::yield_now().await;
             continue;
+        }
+        // Pacing asks for sub-millisecond gaps that tokio's 1 ms timer wheel would stretch
+        // into whole milliseconds (capping throughput): yield and come straight back instead.
+        if let Some(t) = timeout
+            && t.saturating_duration_since(Instant::now()) < PACING_SPIN
+        {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        if transmits.is_empty() {
+            // Idle: give the packet buffers back (they can hold a GSO batch each), so an
+            // idle connection stays small.
+            for b in bufs.iter_mut() {
+                *b = Vec::new();
+            }
         }
         let sleep = async {
             match timeout {

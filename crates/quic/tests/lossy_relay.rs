@@ -112,7 +112,9 @@ async fn four_mib_both_directions_through_a_lossy_reordering_relay() {
             send
         });
         let got_down = recv.read_to_end(8 << 20).await.expect("client read");
-        let _send = writer.await.expect("writer");
+        let mut send = writer.await.expect("writer");
+        // Closing discards unacknowledged data: wait until the upload is acknowledged.
+        assert_eq!(send.stopped().await, None);
         assert_eq!(sha256(&got_down), down_hash, "download corrupted");
         conn.close(0, b"done");
         let got_up = server_task.await.expect("server task");

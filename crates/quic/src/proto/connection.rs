@@ -1022,21 +1022,31 @@ impl Connection {
             unsafe { sys::ngtcp2_conn_get_path_max_tx_udp_payload_size(self.raw()) }.max(1200);
         // SAFETY: `conn` is live.
         let quantum = unsafe { sys::ngtcp2_conn_get_send_quantum(self.raw()) };
+        // SAFETY: `conn` is live.
+        let max_tx = unsafe { sys::ngtcp2_conn_get_max_tx_udp_payload_size(self.raw()) }.max(mtu);
         let max_pkts = (quantum / mtu).clamp(1, max_datagrams);
-        buf.resize(mtu * max_pkts, 0);
+        // Each packet is written with room for `max_tx` bytes so ngtcp2 can emit Path MTU
+        // probes; regular packets are at most `mtu` and form the GSO segments. Packets are
+        // written into the spare capacity (no zeroing) and the length set afterwards.
+        buf.clear();
+        let cap = mtu * (max_pkts - 1) + max_tx;
+        buf.reserve(cap);
+        let base = buf.as_mut_ptr();
         let mut len = 0usize;
         let mut count = 0usize;
         let mut first: Option<Transmit> = None;
         let mut iov: Vec<sys::ngtcp2_vec> = Vec::with_capacity(16);
         let mut result = None;
         loop {
-            if len + mtu > buf.len() {
+            if len + max_tx > cap {
                 break;
             }
             let mut ps = PathStorage::new();
             let mut pi = sys::ngtcp2_pkt_info { ecn: 0 };
             let mut pdatalen: sys::ngtcp2_ssize = -1;
-            let dest = buf[len..].as_mut_ptr();
+            // SAFETY: `len + max_tx <= cap <= buf.capacity()`, so the offset stays inside the
+            // allocation.
+            let dest = unsafe { base.add(len) };
             // Datagrams first: they are small and latency-sensitive.
             let nwrite;
             if let Some(dgram) = self.datagrams_out.front() {
@@ -1054,7 +1064,7 @@ impl Connection {
                         sys::NGTCP2_PKT_INFO_VERSION as c_int,
                         &mut pi,
                         dest,
-                        mtu,
+                        max_tx,
                         &mut accepted,
                         sys::NGTCP2_WRITE_DATAGRAM_FLAG_MORE,
                         0,
@@ -1087,7 +1097,7 @@ impl Connection {
                         sys::NGTCP2_PKT_INFO_VERSION as c_int,
                         &mut pi,
                         dest,
-                        mtu,
+                        max_tx,
                         &mut pdatalen,
                         flags,
                         sid,
@@ -1135,16 +1145,18 @@ impl Connection {
                     });
                     len = n;
                     count = 1;
-                    // Keep following packets on a segment boundary.
-                    if n < mtu {
-                        buf.truncate(len);
-                        // A short first packet cannot be followed by GSO segments of other sizes.
+                    // A short first packet (or a PMTU probe) cannot be followed by GSO segments
+                    // of the regular size.
+                    if n != mtu {
                         break;
                     }
                 }
                 Some(f) => {
                     if p.remote != f.destination || p.local != f.source || ecn != f.ecn || n > mtu {
-                        let stashed = buf[len..len + n].to_vec();
+                        // SAFETY: ngtcp2 just wrote `n` bytes at `base + len`, inside the
+                        // allocation.
+                        let stashed =
+                            unsafe { std::slice::from_raw_parts(base.add(len), n) }.to_vec();
                         self.stash = Some((
                             stashed,
                             Transmit {
@@ -1170,7 +1182,9 @@ impl Connection {
         }
         self.after_ngtcp2_call(now);
         if let Some(mut t) = first {
-            buf.truncate(len);
+            // SAFETY: the first `len` bytes were written by ngtcp2 (packets are contiguous) and
+            // `len <= cap <= capacity`.
+            unsafe { buf.set_len(len) };
             t.size = len;
             t.segment_size = (count > 1).then_some(mtu);
             // SAFETY: `conn` is live.

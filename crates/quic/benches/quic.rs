@@ -1,0 +1,322 @@
+//! Bulk throughput, handshakes per second and memory per idle connection on loopback: ours
+//! against quinn 0.11 in the same run. `cargo bench -p mqttd-quic --bench quic`
+//! (environment: `QUIC_BENCH_MB` transfer size, `QUIC_BENCH_HANDSHAKES`, `QUIC_BENCH_IDLE`).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqttd_quic::Endpoint;
+use support::{Pki, spawn_echo};
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// A sink server: reads every bidi stream to the end and answers with one byte.
+fn spawn_sink(ep: Endpoint) {
+    tokio::spawn(async move {
+        while let Some(c) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = c.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        while let Ok(Some(_)) = recv.read_chunk(usize::MAX).await {}
+                        let _ = send.write_all(b"k").await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+}
+
+fn spawn_quinn_sink(ep: quinn::Endpoint) {
+    tokio::spawn(async move {
+        while let Some(i) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = i.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        while let Ok(Some(_)) = recv.read_chunk(usize::MAX, true).await {}
+                        let _ = send.write_all(b"k").await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+}
+
+fn server_cfg(pki: &Pki) -> mqttd_quic::ServerConfig {
+    let mut cfg = pki.server_config();
+    cfg.transport = Arc::new(mqttd_quic::TransportConfig {
+        max_concurrent_bidi_streams: 1000,
+        ..Default::default()
+    });
+    cfg.max_connections = 100_000;
+    cfg.max_half_open = 100_000;
+    cfg.retry_above_handshakes_per_sec = u32::MAX;
+    cfg
+}
+
+async fn ours_throughput(pki: &Pki, bytes: usize) -> f64 {
+    let server = Endpoint::server(server_cfg(pki), localhost()).expect("server");
+    spawn_sink(server.clone());
+    let client = Endpoint::client(localhost()).expect("client");
+    let conn = client
+        .connect(&pki.client_config(), server.local_addr(), "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let chunk = bytes::Bytes::from(vec![0xabu8; 256 * 1024]);
+    let start = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let mut sent = 0;
+    while sent < bytes {
+        send.write_chunk(chunk.clone()).await.expect("write");
+        sent += chunk.len();
+    }
+    send.finish().expect("finish");
+    let ack = recv.read_to_end(10).await.expect("ack");
+    assert_eq!(ack, b"k");
+    let secs = start.elapsed().as_secs_f64();
+    if std::env::var_os("QUIC_BENCH_VERBOSE").is_some() {
+        eprintln!("ours: {:?}", conn.stats());
+    }
+    conn.close(0, b"");
+    sent as f64 / secs / (1024.0 * 1024.0)
+}
+
+async fn quinn_throughput(pki: &Pki, bytes: usize) -> f64 {
+    let server = quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("server");
+    let addr = server.local_addr().expect("addr");
+    spawn_quinn_sink(server.clone());
+    let mut client = quinn::Endpoint::client(localhost()).expect("client");
+    client.set_default_client_config(pki.quinn_client_config());
+    let conn = client
+        .connect(addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let chunk = bytes::Bytes::from(vec![0xabu8; 256 * 1024]);
+    let start = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let mut sent = 0;
+    while sent < bytes {
+        send.write_chunk(chunk.clone()).await.expect("write");
+        sent += chunk.len();
+    }
+    send.finish().expect("finish");
+    let ack = recv.read_to_end(10).await.expect("ack");
+    assert_eq!(ack, b"k");
+    let secs = start.elapsed().as_secs_f64();
+    if std::env::var_os("QUIC_BENCH_VERBOSE").is_some() {
+        let s = conn.stats();
+        eprintln!(
+            "quinn: lost {} of {} packets, rtt {:?}, cwnd {}",
+            s.path.lost_packets, s.udp_tx.datagrams, s.path.rtt, s.path.cwnd
+        );
+    }
+    conn.close(0u32.into(), b"");
+    sent as f64 / secs / (1024.0 * 1024.0)
+}
+
+const PARALLEL: usize = 8;
+
+async fn ours_handshakes(pki: &Pki, n: usize) -> f64 {
+    let server = Endpoint::server(server_cfg(pki), localhost()).expect("server");
+    spawn_echo(server.clone());
+    let addr = server.local_addr();
+    let client = Endpoint::client(localhost()).expect("client");
+    let cfg = pki.client_config();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..PARALLEL {
+        let client = client.clone();
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / PARALLEL {
+                let conn = client
+                    .connect(&cfg, addr, "localhost")
+                    .expect("connect")
+                    .await
+                    .expect("handshake");
+                conn.close(0, b"");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    (n / PARALLEL * PARALLEL) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn quinn_handshakes(pki: &Pki, n: usize) -> f64 {
+    let server = quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("server");
+    let addr = server.local_addr().expect("addr");
+    support::spawn_quinn_echo(server.clone());
+    let mut client = quinn::Endpoint::client(localhost()).expect("client");
+    client.set_default_client_config(pki.quinn_client_config());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..PARALLEL {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / PARALLEL {
+                let conn = client
+                    .connect(addr, "localhost")
+                    .expect("connect")
+                    .await
+                    .expect("handshake");
+                conn.close(0u32.into(), b"");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    (n / PARALLEL * PARALLEL) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// RSS growth per idle established connection, both ends in this process, divided by two.
+async fn ours_idle_memory(pki: &Pki, n: usize) -> usize {
+    let server = Endpoint::server(server_cfg(pki), localhost()).expect("server");
+    let addr = server.local_addr();
+    let accepted = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let acc = accepted.clone();
+    let srv = server.clone();
+    tokio::spawn(async move {
+        while let Some(c) = srv.accept().await {
+            let acc = acc.clone();
+            tokio::spawn(async move {
+                if let Ok(conn) = c.await {
+                    acc.lock().await.push(conn);
+                }
+            });
+        }
+    });
+    let client = Endpoint::client(localhost()).expect("client");
+    let cfg = pki.client_config();
+    // Warm up allocator pools and TLS with a few connections first.
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(
+            client
+                .connect(&cfg, addr, "localhost")
+                .expect("connect")
+                .await
+                .expect("hs"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_bytes();
+    for _ in 0..n {
+        conns.push(
+            client
+                .connect(&cfg, addr, "localhost")
+                .expect("connect")
+                .await
+                .expect("hs"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes();
+    assert!(accepted.lock().await.len() >= n);
+    after.saturating_sub(before) / n / 2
+}
+
+async fn quinn_idle_memory(pki: &Pki, n: usize) -> usize {
+    let server = quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("server");
+    let addr = server.local_addr().expect("addr");
+    let accepted = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let acc = accepted.clone();
+    let srv = server.clone();
+    tokio::spawn(async move {
+        while let Some(i) = srv.accept().await {
+            let acc = acc.clone();
+            tokio::spawn(async move {
+                if let Ok(conn) = i.await {
+                    acc.lock().await.push(conn);
+                }
+            });
+        }
+    });
+    let mut client = quinn::Endpoint::client(localhost()).expect("client");
+    client.set_default_client_config(pki.quinn_client_config());
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(
+            client
+                .connect(addr, "localhost")
+                .expect("connect")
+                .await
+                .expect("hs"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_bytes();
+    for _ in 0..n {
+        conns.push(
+            client
+                .connect(addr, "localhost")
+                .expect("connect")
+                .await
+                .expect("hs"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes();
+    assert!(accepted.lock().await.len() >= n);
+    after.saturating_sub(before) / n / 2
+}
+
+fn main() {
+    // `cargo test --benches` runs this binary with `--bench` absent; keep that quick.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let mb = env("QUIC_BENCH_MB", if quick { 4 } else { 256 });
+    let hs = env("QUIC_BENCH_HANDSHAKES", if quick { 16 } else { 800 });
+    let idle = env("QUIC_BENCH_IDLE", if quick { 10 } else { 1000 });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pki = Pki::new();
+        let bytes = mb << 20;
+        // Alternate to share machine noise fairly.
+        let (mut ours_t, mut quinn_t) = (0.0f64, 0.0f64);
+        for _ in 0..2 {
+            ours_t = ours_t.max(ours_throughput(&pki, bytes).await);
+            quinn_t = quinn_t.max(quinn_throughput(&pki, bytes).await);
+        }
+        println!("bulk transfer ({mb} MiB, one stream): ours {ours_t:.0} MiB/s, quinn {quinn_t:.0} MiB/s, ratio {:.2}", ours_t / quinn_t);
+        let ours_h = ours_handshakes(&pki, hs).await;
+        let quinn_h = quinn_handshakes(&pki, hs).await;
+        println!("handshakes ({hs}, {PARALLEL} in parallel): ours {ours_h:.0}/s, quinn {quinn_h:.0}/s, ratio {:.2}", ours_h / quinn_h);
+        let ours_m = ours_idle_memory(&pki, idle).await;
+        let quinn_m = quinn_idle_memory(&pki, idle).await;
+        println!("memory per idle established connection (RSS delta over {idle}, per end): ours {} KiB, quinn {} KiB", ours_m / 1024, quinn_m / 1024);
+    });
+}

@@ -74,6 +74,9 @@ pub struct TransportConfig {
     pub versions: Vec<Version>,
     /// Length of connection IDs this endpoint issues (8..=20).
     pub cid_len: usize,
+    /// Write a qlog (JSON-SEQ, ngtcp2's events) per connection into this directory, named
+    /// `<side>-<source connection id>.sqlog`.
+    pub qlog_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for TransportConfig {
@@ -95,6 +98,7 @@ impl Default for TransportConfig {
             max_udp_payload_size: 1452,
             versions: vec![Version::V1, Version::V2],
             cid_len: 16,
+            qlog_dir: None,
         }
     }
 }

@@ -107,3 +107,41 @@ async fn dropping_the_server_endpoint_sends_connection_close() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn qlog_files_are_written_when_configured() {
+    timeout(LIMIT, async {
+        let dir = std::env::temp_dir().join(format!("mqttd-quic-qlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("qlog dir");
+        let pki = Pki::new();
+        let srv = server(&pki, |_| {});
+        let addr = srv.local_addr();
+        spawn_echo(srv.clone());
+        let client = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        let mut cc = pki.client_config();
+        let mut t = support::transport();
+        t.qlog_dir = Some(dir.clone());
+        cc.transport = Arc::new(t);
+        let conn = client
+            .connect(&cc, addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        conn.close(0, b"");
+        drop(conn);
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut found = false;
+        for entry in std::fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if path.to_string_lossy().contains("client-") && text.contains("qlog") {
+                found = true;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(found, "no client qlog with content");
+    })
+    .await
+    .expect("test timed out");
+}

@@ -205,6 +205,7 @@ struct Shared {
     /// A callback failed or panicked: why.
     failure: Option<String>,
     stream_send_buffer: usize,
+    qlog: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl Shared {
@@ -546,7 +547,28 @@ impl Connection {
             stateless_reset: false,
             failure: None,
             stream_send_buffer: config.stream_send_buffer.max(1),
+            qlog: None,
         });
+        let mut shared = shared;
+        if let Some(dir) = &config.qlog_dir {
+            let name = format!(
+                "{}-{scid:?}.sqlog",
+                if side == Side::Client {
+                    "client"
+                } else {
+                    "server"
+                }
+            );
+            match std::fs::File::create(dir.join(name)) {
+                Ok(f) => {
+                    shared.qlog = Some(std::io::BufWriter::new(f));
+                    settings.qlog_write = Some(cb_qlog_write);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "cannot create qlog file")
+                }
+            }
+        }
         let shared = NonNull::from(Box::leak(shared));
         let cb = callbacks(side);
         let raw_dcid = dcid.to_ngtcp2();
@@ -1737,6 +1759,34 @@ unsafe fn with_shared(
             sys::NGTCP2_ERR_CALLBACK_FAILURE
         }
     }
+}
+
+unsafe extern "C" fn cb_qlog_write(
+    user_data: *mut c_void,
+    flags: u32,
+    data: *const c_void,
+    datalen: usize,
+) {
+    use std::io::Write;
+    // SAFETY: user_data is our Shared; data is valid for datalen bytes during the call. The
+    // return code is ignored by ngtcp2 (qlog is best effort), so errors only stop the log.
+    let _ = unsafe {
+        with_shared(user_data, |sh| {
+            if let Some(w) = sh.qlog.as_mut() {
+                if datalen > 0 {
+                    let bytes = std::slice::from_raw_parts(data.cast::<u8>(), datalen);
+                    if w.write_all(bytes).is_err() {
+                        sh.qlog = None;
+                        return Ok(());
+                    }
+                }
+                if flags & sys::NGTCP2_QLOG_WRITE_FLAG_FIN != 0 {
+                    let _ = w.flush();
+                }
+            }
+            Ok(())
+        })
+    };
 }
 
 unsafe extern "C" fn cb_rand(dest: *mut u8, destlen: usize, _ctx: *const sys::ngtcp2_rand_ctx) {

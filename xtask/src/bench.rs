@@ -564,6 +564,7 @@ fn broker_matrix(root: &Path, o: &Options) -> Result<()> {
         }
     }
     let env = Environment {
+        root: root.to_path_buf(),
         rumqttd_how,
         load_before,
         load_after: fs::read_to_string("/proc/loadavg").unwrap_or_default(),
@@ -615,6 +616,7 @@ fn version_of(cmd: &str, args: &[&str]) -> String {
 
 /// Facts about the run for the report's header.
 struct Environment {
+    root: PathBuf,
     rumqttd_how: String,
     load_before: String,
     load_after: String,
@@ -638,7 +640,15 @@ fn markdown(
         o.command_line,
         took.as_secs_f64()
     );
-    let rev = version_of("git", &["rev-parse", "--short", "HEAD"]);
+    let root_s = env.root.to_string_lossy().to_string();
+    let mut rev = version_of("git", &["-C", &root_s, "rev-parse", "--short", "HEAD"]);
+    let dirty = version_of(
+        "git",
+        &["-C", &root_s, "status", "--porcelain", "--", "crates"],
+    );
+    if !dirty.is_empty() {
+        rev.push_str(" with uncommitted changes under crates/");
+    }
     let kernel = version_of("uname", &["-r"]);
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(

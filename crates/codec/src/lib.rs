@@ -26,6 +26,8 @@
 //! Packet::encode(&self, ProtocolVersion, &mut BytesMut) -> Result<(), EncodeError>
 //! Packet::encoded_len(&self, ProtocolVersion) -> Result<usize, EncodeError>
 //! Packet::to_bytes(&self, ProtocolVersion) -> Result<Bytes, EncodeError>
+//! Publish::encode_head(&self, ProtocolVersion, &mut BytesMut) -> Result<(), EncodeError>
+//!                                        // all but the payload: send head + payload without copying it
 //!
 //! // Errors
 //! DecodeError::reason_code(&self) -> ReasonCode      // what a 5.0 server sends before closing

@@ -35,6 +35,19 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(common::config(300))]
+
+    /// The head plus the payload is exactly the packet.
+    #[test]
+    fn publish_head_plus_payload_is_the_packet((v, p) in common::version().prop_flat_map(|v| (Just(v), common::publish(v)))) {
+        let mut head = BytesMut::new();
+        p.encode_head(v, &mut head).unwrap();
+        head.extend_from_slice(&p.payload);
+        prop_assert_eq!(head.freeze(), Packet::Publish(p).to_bytes(v).unwrap());
+    }
+}
+
+proptest! {
     #![proptest_config(common::config(200))]
 
     #[test]

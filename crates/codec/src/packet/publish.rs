@@ -125,6 +125,28 @@ impl Publish {
         version: ProtocolVersion,
         buf: &mut BytesMut,
     ) -> Result<(), EncodeError> {
+        self.encode_parts(version, buf, true)
+    }
+
+    /// Encodes everything but the payload: fixed header, topic, packet identifier and
+    /// properties. Sending these bytes followed by [`Publish::payload`] (e.g. with
+    /// `bytes::Buf::chain` or a vectored write) sends the whole packet without copying the
+    /// payload, which is what a broker fanning one message out to many subscribers wants.
+    pub fn encode_head(
+        &self,
+        version: ProtocolVersion,
+        buf: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        self.encode_parts(version, buf, false)
+    }
+
+    #[inline]
+    fn encode_parts(
+        &self,
+        version: ProtocolVersion,
+        buf: &mut BytesMut,
+        with_payload: bool,
+    ) -> Result<(), EncodeError> {
         self.check(version)?;
         let props = if version.is_v5() {
             self.properties.len()
@@ -135,7 +157,11 @@ impl Publish {
         if body > VARINT_MAX as usize {
             return Err(EncodeError::PacketTooLarge(body));
         }
-        buf.reserve(1 + crate::wire::varint_len(body) + body);
+        let mut reserve = 1 + crate::wire::varint_len(body) + body;
+        if !with_payload {
+            reserve -= self.payload.len();
+        }
+        buf.reserve(reserve);
         buf.put_u8((3 << 4) | self.flags());
         crate::wire::write_varint(buf, body);
         // Topics are at most 65,535 bytes (an `MqttString` invariant).
@@ -147,7 +173,9 @@ impl Publish {
         if version.is_v5() {
             self.properties.write(buf, props);
         }
-        buf.put_slice(&self.payload);
+        if with_payload {
+            buf.put_slice(&self.payload);
+        }
         Ok(())
     }
 

@@ -45,6 +45,8 @@ pub(crate) struct ConnState {
     zero_rtt_wakers: Vec<Waker>,
     pub(crate) handshake_done: bool,
     zero_rtt_rejected: bool,
+    /// Bumped when 0-RTT is rejected: stream handles from before are void.
+    pub(crate) stream_epoch: u32,
     pub(crate) error: Option<ConnectionError>,
     pub(crate) endpoint_events: Vec<EndpointEvent>,
 }
@@ -96,6 +98,7 @@ impl ConnState {
                 Event::DatagramReceived => wake_all(&mut self.datagram_wakers),
                 Event::ZeroRttRejected => {
                     self.zero_rtt_rejected = true;
+                    self.stream_epoch += 1;
                     wake_all(&mut self.zero_rtt_wakers);
                     for (_, w) in self.read_wakers.drain() {
                         w.wake();
@@ -151,6 +154,7 @@ impl ConnInner {
                 zero_rtt_wakers: Vec::new(),
                 handshake_done: false,
                 zero_rtt_rejected: false,
+                stream_epoch: 0,
                 error: None,
                 endpoint_events: Vec::new(),
             }),
@@ -210,6 +214,13 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
             let events = std::mem::take(&mut st.endpoint_events);
             if st.handshake_done && !handshake_reported {
                 handshake_reported = true;
+                tracing::debug!(
+                    id = conn.id,
+                    remote = %st.proto.path().remote,
+                    version = st.proto.version(),
+                    zero_rtt = st.proto.zero_rtt_accepted(),
+                    "handshake completed"
+                );
                 endpoint.handshake_done(&conn);
             }
             (st.proto.poll_timeout(), st.proto.is_drained(), events)
@@ -253,6 +264,16 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
     }
     {
         let mut st = conn.lock();
+        let stats = st.proto.stats();
+        tracing::debug!(
+            id = conn.id,
+            reason = ?st.proto.close_reason(),
+            rtt = ?stats.rtt,
+            sent_bytes = stats.sent_bytes,
+            recv_bytes = stats.recv_bytes,
+            lost_packets = stats.lost_packets,
+            "connection drained"
+        );
         if st.error.is_none() {
             st.error = Some(
                 st.proto

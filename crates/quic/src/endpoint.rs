@@ -443,6 +443,7 @@ impl EndpointInner {
             }
         };
         let conn = self.register(proto, Some(header.dcid));
+        tracing::debug!(id = conn.id, remote = %path.remote, retry = info.retry.is_some(), "accepting connection");
         let sender = self
             .incoming
             .lock()

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::connection::ConnInner;
+use crate::connection::{ConnInner, ConnState};
 use crate::proto::{StreamError, StreamId};
 
 fn io_error(e: StreamError) -> io::Error {
@@ -32,11 +32,23 @@ pub struct SendStream {
     conn: Arc<ConnInner>,
     id: StreamId,
     done: bool,
+    epoch: u32,
+}
+
+/// A handle from before a 0-RTT rejection refers to a discarded stream whose ID may now
+/// belong to another one.
+fn check_epoch(st: &ConnState, epoch: u32) -> Result<(), StreamError> {
+    if st.stream_epoch == epoch {
+        Ok(())
+    } else {
+        Err(StreamError::ZeroRttRejected)
+    }
 }
 
 impl SendStream {
     pub(crate) fn new(conn: &Arc<ConnInner>, id: StreamId) -> Self {
         SendStream {
+            epoch: conn.lock().stream_epoch,
             conn: conn.acquire(),
             id,
             done: false,
@@ -54,6 +66,7 @@ impl SendStream {
         buf: &[u8],
     ) -> Poll<Result<usize, StreamError>> {
         let mut st = self.conn.lock();
+        check_epoch(&st, self.epoch)?;
         match st.proto.stream_write(self.id, buf) {
             Ok(n) => {
                 drop(st);
@@ -89,6 +102,7 @@ impl SendStream {
     pub async fn write_chunk(&mut self, data: Bytes) -> Result<(), StreamError> {
         std::future::poll_fn(|cx| {
             let mut st = self.conn.lock();
+            check_epoch(&st, self.epoch)?;
             match st.proto.stream_send_room(self.id) {
                 Err(StreamError::Blocked) => {
                     st.write_wakers.insert(self.id, cx.waker().clone());
@@ -116,7 +130,10 @@ impl SendStream {
     /// Finishes the stream: FIN is sent after the buffered data.
     pub fn finish(&mut self) -> Result<(), StreamError> {
         self.done = true;
-        let r = self.conn.lock().proto.stream_finish(self.id);
+        let r = {
+            let mut st = self.conn.lock();
+            check_epoch(&st, self.epoch).and_then(|()| st.proto.stream_finish(self.id))
+        };
         self.conn.notify.notify_one();
         r
     }
@@ -124,7 +141,10 @@ impl SendStream {
     /// Abandons the stream with RESET_STREAM and an application error code.
     pub fn reset(&mut self, code: u64) -> Result<(), StreamError> {
         self.done = true;
-        let r = self.conn.lock().proto.stream_reset(self.id, code);
+        let r = {
+            let mut st = self.conn.lock();
+            check_epoch(&st, self.epoch).and_then(|()| st.proto.stream_reset(self.id, code))
+        };
         self.conn.notify.notify_one();
         r
     }
@@ -134,6 +154,9 @@ impl SendStream {
     pub async fn stopped(&mut self) -> Option<u64> {
         std::future::poll_fn(|cx| {
             let mut st = self.conn.lock();
+            if check_epoch(&st, self.epoch).is_err() {
+                return Poll::Ready(None);
+            }
             match st.proto.stream_send_room(self.id) {
                 Err(StreamError::Stopped(code)) => return Poll::Ready(Some(code)),
                 Err(StreamError::UnknownStream) | Err(StreamError::ConnectionLost(_)) => {
@@ -154,7 +177,11 @@ impl SendStream {
 impl Drop for SendStream {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.conn.lock().proto.stream_finish(self.id);
+            let mut st = self.conn.lock();
+            if check_epoch(&st, self.epoch).is_ok() {
+                let _ = st.proto.stream_finish(self.id);
+            }
+            drop(st);
             self.conn.notify.notify_one();
         }
         self.conn.release();
@@ -188,11 +215,13 @@ pub struct RecvStream {
     conn: Arc<ConnInner>,
     id: StreamId,
     done: bool,
+    epoch: u32,
 }
 
 impl RecvStream {
     pub(crate) fn new(conn: &Arc<ConnInner>, id: StreamId) -> Self {
         RecvStream {
+            epoch: conn.lock().stream_epoch,
             conn: conn.acquire(),
             id,
             done: false,
@@ -213,6 +242,10 @@ impl RecvStream {
             return Poll::Ready(Ok(None));
         }
         let mut st = self.conn.lock();
+        if let Err(e) = check_epoch(&st, self.epoch) {
+            self.done = true;
+            return Poll::Ready(Err(e));
+        }
         match st.proto.stream_read_chunk(self.id, max) {
             Ok(Some(b)) => {
                 drop(st);
@@ -254,7 +287,10 @@ impl RecvStream {
     /// Tells the peer to stop sending (STOP_SENDING with `code`); unread data is discarded.
     pub fn stop(&mut self, code: u64) -> Result<(), StreamError> {
         self.done = true;
-        let r = self.conn.lock().proto.stream_stop(self.id, code);
+        let r = {
+            let mut st = self.conn.lock();
+            check_epoch(&st, self.epoch).and_then(|()| st.proto.stream_stop(self.id, code))
+        };
         self.conn.notify.notify_one();
         r
     }
@@ -263,7 +299,11 @@ impl RecvStream {
 impl Drop for RecvStream {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.conn.lock().proto.stream_stop(self.id, 0);
+            let mut st = self.conn.lock();
+            if check_epoch(&st, self.epoch).is_ok() {
+                let _ = st.proto.stream_stop(self.id, 0);
+            }
+            drop(st);
             self.conn.notify.notify_one();
         }
         self.conn.release();
@@ -292,6 +332,10 @@ impl AsyncRead for RecvStream {
             return Poll::Ready(Ok(()));
         }
         let mut st = this.conn.lock();
+        if let Err(e) = check_epoch(&st, this.epoch) {
+            this.done = true;
+            return Poll::Ready(Err(io_error(e)));
+        }
         let dst = buf.initialize_unfilled();
         match st.proto.stream_read(this.id, dst) {
             Ok(Some(n)) => {

@@ -256,3 +256,75 @@ async fn endpoint_close_and_wait_idle_reach_quinn() {
     .await
     .expect("timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_rtt_accepted_by_us_and_rejected_by_a_server_without_our_ticket_key() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server_a = Endpoint::server(pki.server_config(), localhost()).expect("server a");
+        spawn_echo(server_a.clone());
+        let client = Endpoint::client(localhost()).expect("client");
+        let cfg = pki.client_config();
+        let conn = client
+            .connect(&cfg, server_a.local_addr(), "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        assert_eq!(echo(&conn, b"warm".to_vec()).await, b"warm");
+        for _ in 0..100 {
+            if cfg.tls.has_ticket("localhost") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(cfg.tls.has_ticket("localhost"), "no ticket");
+        conn.close(0, b"");
+
+        // Accepted by the server that issued the ticket.
+        let (conn, accepted) = client
+            .connect(&cfg, server_a.local_addr(), "localhost")
+            .expect("connect")
+            .into_0rtt()
+            .map_err(|_| "no 0-RTT")
+            .expect("0-RTT");
+        let (mut s, mut r) = conn.open_bi().await.expect("open");
+        s.write_all(b"early").await.expect("write");
+        s.finish().expect("finish");
+        assert!(accepted.await, "our server rejected our 0-RTT");
+        assert_eq!(r.read_to_end(100).await.expect("read"), b"early");
+        conn.close(0, b"");
+        for _ in 0..100 {
+            if cfg.tls.has_ticket("localhost") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // Rejected by a server that cannot decrypt the ticket: the early stream fails, the
+        // connection carries on and new streams work.
+        let server_b = Endpoint::server(pki.server_config(), localhost()).expect("server b");
+        spawn_echo(server_b.clone());
+        assert!(
+            cfg.tls.has_ticket("localhost"),
+            "no ticket for the rejection case"
+        );
+        let connecting = client
+            .connect(&cfg, server_b.local_addr(), "localhost")
+            .expect("connect");
+        let (conn, accepted) = connecting
+            .into_0rtt()
+            .map_err(|_| "no 0-RTT")
+            .expect("0-RTT attempt");
+        let (mut s, mut r) = conn.open_bi().await.expect("open");
+        let _ = s.write_all(b"early").await;
+        let _ = s.finish();
+        assert!(!accepted.await, "0-RTT accepted without the ticket key");
+        assert!(
+            r.read_to_end(100).await.is_err(),
+            "rejected early stream must fail"
+        );
+        assert_eq!(echo(&conn, b"after".to_vec()).await, b"after");
+    })
+    .await
+    .expect("timed out");
+}

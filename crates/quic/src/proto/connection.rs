@@ -65,7 +65,8 @@ pub enum Event {
     StreamsAvailable(Dir),
     /// A datagram arrived (read it with [`Connection::recv_datagram`]).
     DatagramReceived,
-    /// The server rejected 0-RTT: streams opened before the handshake were discarded.
+    /// The server rejected 0-RTT: streams opened before the handshake were discarded, and
+    /// their IDs will be handed out again by later `open_*` calls.
     ZeroRttRejected,
     /// The connection ended; no more events follow.
     ConnectionLost(ConnectionError),
@@ -185,7 +186,6 @@ struct Stream {
     recv: RecvHalf,
     /// ngtcp2 closed the stream (both directions done).
     closed: bool,
-    rejected: bool,
 }
 
 /// The state callbacks touch. Lives in its own heap block whose address is `user_data`.
@@ -1329,7 +1329,8 @@ impl Connection {
         if rv != 0 {
             return None;
         }
-        self.shared().stream(id);
+        // A fresh entry: after 0-RTT rejection ngtcp2 hands out the discarded IDs again.
+        self.shared().streams.insert(id, Stream::default());
         Some(StreamId(id))
     }
 
@@ -1372,9 +1373,6 @@ impl Connection {
             .streams
             .get_mut(&id.0)
             .ok_or(StreamError::UnknownStream)?;
-        if s.rejected {
-            return Err(StreamError::ZeroRttRejected);
-        }
         if let Some(e) = &s.send.shut {
             return Err(e.clone());
         }
@@ -1500,8 +1498,6 @@ impl Connection {
                 }
                 let outcome = if r.fin {
                     Ok(None)
-                } else if s.rejected {
-                    Err(StreamError::ZeroRttRejected)
                 } else if r.stopped {
                     Err(StreamError::Finished)
                 } else {
@@ -1563,9 +1559,6 @@ impl Connection {
                     if r.fin {
                         self.maybe_forget(id.0);
                         return Ok(None);
-                    }
-                    if s.rejected {
-                        return Err(StreamError::ZeroRttRejected);
                     }
                     let lost = self.lost_error();
                     return Err(lost.unwrap_or(StreamError::Blocked));
@@ -2125,16 +2118,11 @@ unsafe extern "C" fn cb_tls_early_data_rejected(
     // SAFETY: user_data is our Shared.
     unsafe {
         with_shared(user_data, |sh| {
+            // ngtcp2 discards the streams opened in 0-RTT and will hand out their IDs again:
+            // forget them (the tokio layer invalidates their handles).
             let side = sh.side;
-            for (&id, s) in sh.streams.iter_mut() {
-                let local = StreamId(id).is_client_initiated() == (side == Side::Client);
-                if local {
-                    s.rejected = true;
-                    s.send.pending.clear();
-                    s.send.pending_len = 0;
-                    s.send.shut = Some(StreamError::ZeroRttRejected);
-                }
-            }
+            sh.streams
+                .retain(|&id, _| StreamId(id).is_client_initiated() != (side == Side::Client));
             sh.send_ready.clear();
             sh.events.push_back(Event::ZeroRttRejected);
             Ok(())

@@ -328,3 +328,57 @@ async fn zero_rtt_accepted_by_us_and_rejected_by_a_server_without_our_ticket_key
     .await
     .expect("timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_refuses_with_connection_refused() {
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let mut cfg = pki.server_config();
+        cfg.max_connections = 2;
+        let server = Endpoint::server(cfg, localhost()).expect("server");
+        spawn_echo(server.clone());
+        let addr = server.local_addr();
+        let client = Endpoint::client(localhost()).expect("client");
+        let cc = pki.client_config();
+        let a = client
+            .connect(&cc, addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("first");
+        let b = client
+            .connect(&cc, addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("second");
+        let third = client
+            .connect(&cc, addr, "localhost")
+            .expect("connect")
+            .await;
+        match third {
+            Err(ConnectionError::ConnectionClosed { code: 0x2, .. }) => {}
+            other => panic!("third connection: {other:?}"),
+        }
+        assert_eq!(server.open_connections(), 2);
+        // The refusal is stateless; every Initial datagram of the attempt is refused.
+        assert!(server.stats().refused.load(Ordering::Relaxed) >= 1);
+        // Room again once one closes.
+        a.close(0, b"");
+        drop(a);
+        let mut ok = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if server.open_connections() < 2 {
+                ok = client
+                    .connect(&cc, addr, "localhost")
+                    .expect("connect")
+                    .await
+                    .is_ok();
+                break;
+            }
+        }
+        assert!(ok, "no room after a connection closed");
+        drop(b);
+    })
+    .await
+    .expect("timed out");
+}

@@ -193,6 +193,10 @@ async fn hostile_datagrams_and_initial_floods() {
             stats.retries.load(Ordering::Relaxed) > 0,
             "Retry never kicked in under the flood"
         );
+        assert!(
+            stats.stateless_resets.load(Ordering::Relaxed) > 0,
+            "no stateless reset for unknown short-header packets"
+        );
         assert!(before <= 1 + 100_000 / 5, "sanity");
         drop(flooders);
     })

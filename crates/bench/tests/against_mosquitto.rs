@@ -6,15 +6,16 @@
 //! mosquitto must be installed (`.ci/run` installs it): without it these tests fail, they do not
 //! skip.
 
-use std::net::{TcpListener, TcpStream};
+mod common;
+
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use common::{BENCH, assert_exactly_once, bench, free_port, json_lines, n, summary};
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-const BENCH: &str = env!("CARGO_BIN_EXE_mqttd-bench");
 
 /// A mosquitto process on a free port, killed on drop.
 struct Mosquitto {
@@ -75,72 +76,6 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
-
-/// Runs `mqttd-bench ARGS -p PORT --json` and returns its output, failing on a non-zero exit.
-fn bench(port: u16, args: &[&str]) -> Output {
-    let out = Command::new(BENCH)
-        .args(args)
-        .args(["-p", &port.to_string(), "--json"])
-        .output()
-        .expect("run mqttd-bench");
-    assert!(
-        out.status.success(),
-        "mqttd-bench {args:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Every stdout line parsed as JSON; the last one must be the summary.
-fn json_lines(out: &Output) -> Vec<Value> {
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    let last = lines.last().expect("at least the summary line");
-    assert_eq!(last["type"], "summary", "last line: {last}");
-    lines
-}
-
-fn summary(out: &Output) -> Value {
-    json_lines(out).pop().expect("summary")
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("`{key}` is not a count in {v}"))
-}
-
-/// Every message of a QoS 1/2 run arrived exactly once at every subscriber that should get it.
-fn assert_exactly_once(s: &Value, expected: u64) {
-    assert_eq!(
-        n(s, "sent"),
-        n(s, "acked"),
-        "every PUBLISH acknowledged: {s}"
-    );
-    assert_eq!(n(s, "expected"), expected, "{s}");
-    assert_eq!(n(s, "received"), expected, "{s}");
-    assert_eq!(n(s, "unique"), expected, "{s}");
-    assert_eq!(n(s, "lost"), 0, "{s}");
-    assert_eq!(n(s, "duplicates"), 0, "{s}");
-    assert_eq!(n(s, "foreign"), 0, "{s}");
-    assert_eq!(n(s, "errors"), 0, "{s}");
-    let latency = &s["latency_us"];
-    assert_eq!(n(latency, "count"), expected, "{s}");
-    assert!(
-        n(latency, "p50") > 0 && n(latency, "p50") <= n(latency, "max"),
-        "{s}"
-    );
 }
 
 #[test]

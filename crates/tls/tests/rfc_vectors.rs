@@ -552,6 +552,10 @@ fn rfc9001_a2_client_initial_byte_for_byte() {
     let mut tampered = h(V1_A2_PACKET);
     tampered[600] ^= 0x01;
     assert!(unprotect(&ctx, &k, &tampered, 18, 0).is_none());
+    // So does a flipped tag bit.
+    let mut tampered = h(V1_A2_PACKET);
+    *tampered.last_mut().unwrap() ^= 0x80;
+    assert!(unprotect(&ctx, &k, &tampered, 18, 0).is_none());
 }
 
 #[test]

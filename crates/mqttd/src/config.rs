@@ -111,6 +111,38 @@ pub struct Settings {
     /// Seconds to flush writes to clients on shutdown [default: 5].
     #[arg(long)]
     pub shutdown_grace_secs: Option<u64>,
+    /// Directory for the broker's files (the generated QUIC certificate) [default: mqttd-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// MQTT over QUIC listen address (UDP) [default: 127.0.0.1:14567].
+    #[arg(long)]
+    pub quic_listen: Option<SocketAddr>,
+    /// Serve MQTT over QUIC [default: true].
+    #[arg(long)]
+    pub quic_enabled: Option<bool>,
+    /// QUIC certificate chain (PEM, leaf first). Without it (and `quic_key`) a self-signed
+    /// certificate is generated into the data directory on first start.
+    #[arg(long)]
+    pub quic_cert: Option<PathBuf>,
+    /// QUIC private key (PEM), the key of `quic_cert`.
+    #[arg(long)]
+    pub quic_key: Option<PathBuf>,
+    /// QUIC idle timeout in seconds; the broker sends QUIC PINGs at a third of it, so it only
+    /// ends connections whose peer is gone. 0: no QUIC idle timeout, MQTT keep alive alone
+    /// decides [default: 60].
+    #[arg(long)]
+    pub quic_idle_timeout_secs: Option<u64>,
+    /// Bidirectional streams a QUIC client may have open at once [default: 16].
+    #[arg(long)]
+    pub quic_max_streams: Option<u64>,
+    /// Accept 0-RTT early data (CONNECT in the first flight of a resumed connection). Early
+    /// data can be replayed by an attacker: see the README [default: false].
+    #[arg(long)]
+    pub quic_zero_rtt: Option<bool>,
+    /// Validate every client address with a QUIC Retry before keeping state (costs one round
+    /// trip; Retry also turns on by itself under a handshake flood) [default: false].
+    #[arg(long)]
+    pub quic_retry: Option<bool>,
 }
 
 /// The resolved configuration the broker runs with.
@@ -134,6 +166,40 @@ pub struct Config {
     pub sys_interval: Option<Duration>,
     /// Time allowed to flush writes on shutdown.
     pub shutdown_grace: Duration,
+    /// Directory for the broker's files.
+    pub data_dir: PathBuf,
+    /// The MQTT-over-QUIC listener, if enabled.
+    pub quic: Option<QuicConfig>,
+}
+
+/// The MQTT-over-QUIC listener's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicConfig {
+    /// UDP listen address.
+    pub listen: SocketAddr,
+    /// Certificate chain and private key (PEM files); `None`: generated into the data directory.
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
+    /// QUIC idle timeout (`Duration::ZERO`: none, MQTT keep alive alone decides).
+    pub idle_timeout: Duration,
+    /// Bidirectional streams a client may have open at once.
+    pub max_streams: u64,
+    /// Accept 0-RTT early data.
+    pub zero_rtt: bool,
+    /// Always validate client addresses with a Retry.
+    pub retry: bool,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 14567)),
+            cert_and_key: None,
+            idle_timeout: Duration::from_secs(60),
+            max_streams: 16,
+            zero_rtt: false,
+            retry: false,
+        }
+    }
 }
 
 /// Protocol and resource limits, all enforced by the broker.
@@ -196,6 +262,8 @@ impl Default for Config {
             limits: Limits::default(),
             sys_interval: Some(Duration::from_secs(10)),
             shutdown_grace: Duration::from_secs(5),
+            data_dir: PathBuf::from("mqttd-data"),
+            quic: Some(QuicConfig::default()),
         }
     }
 }
@@ -288,7 +356,16 @@ impl Settings {
             v3_session_expiry_secs,
             topic_alias_maximum,
             sys_interval_secs,
-            shutdown_grace_secs
+            shutdown_grace_secs,
+            data_dir,
+            quic_listen,
+            quic_enabled,
+            quic_cert,
+            quic_key,
+            quic_idle_timeout_secs,
+            quic_max_streams,
+            quic_zero_rtt,
+            quic_retry
         )
     }
 
@@ -347,6 +424,35 @@ impl Settings {
             return Err(range("log_level", "not a valid tracing filter"));
         }
         let http_enabled = self.http_enabled.unwrap_or(true);
+        let quic = if self.quic_enabled.unwrap_or(true) {
+            let dq = QuicConfig::default();
+            let cert_and_key = match (self.quic_cert, self.quic_key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(range("quic_key", "required when quic_cert is set"));
+                }
+                (None, Some(_)) => {
+                    return Err(range("quic_cert", "required when quic_key is set"));
+                }
+            };
+            let max_streams = self.quic_max_streams.unwrap_or(dq.max_streams);
+            if max_streams == 0 || max_streams > 1 << 16 {
+                return Err(range("quic_max_streams", "must be between 1 and 65536"));
+            }
+            Some(QuicConfig {
+                listen: self.quic_listen.unwrap_or(dq.listen),
+                cert_and_key,
+                idle_timeout: self
+                    .quic_idle_timeout_secs
+                    .map_or(dq.idle_timeout, Duration::from_secs),
+                max_streams,
+                zero_rtt: self.quic_zero_rtt.unwrap_or(dq.zero_rtt),
+                retry: self.quic_retry.unwrap_or(dq.retry),
+            })
+        } else {
+            None
+        };
         Ok(Config {
             listen: self.listen.unwrap_or(d.listen),
             http_listen: if http_enabled {
@@ -367,6 +473,8 @@ impl Settings {
             shutdown_grace: self
                 .shutdown_grace_secs
                 .map_or(d.shutdown_grace, Duration::from_secs),
+            data_dir: self.data_dir.unwrap_or(d.data_dir),
+            quic,
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod quic;
 pub mod retain;
 pub mod router;
 pub mod server;

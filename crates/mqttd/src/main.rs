@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let running = match mqttd::server::start(config).await {
+        let running = match mqttd::server::start(config.clone()).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: cannot start: {e}");
@@ -125,10 +125,35 @@ fn main() -> ExitCode {
         if let Some(http) = running.http_addr {
             println!("mqttd metrics on http://{http}/metrics, health on http://{http}/health");
         }
+        let quic = match &config.quic {
+            Some(q) => {
+                let shutdown = running.shutdown_handle().subscribe();
+                match mqttd::quic::start(q, &config.data_dir, running.context(), shutdown).await {
+                    Ok(l) => {
+                        println!(
+                            "mqttd MQTT over QUIC on quic://{} (certificate {}, sha256 {})",
+                            l.local_addr,
+                            l.cert_path.display(),
+                            l.fingerprint
+                        );
+                        Some(l)
+                    }
+                    Err(e) => {
+                        eprintln!("error: cannot start: {e}");
+                        running.shutdown().await;
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            None => None,
+        };
         tracing::info!(mqtt = %running.mqtt_addr, http = ?running.http_addr, "listening");
         wait_for_signal().await;
         tracing::info!("signal received, shutting down");
         running.shutdown().await;
+        if let Some(q) = quic {
+            q.wait().await;
+        }
         ExitCode::SUCCESS
     })
 }

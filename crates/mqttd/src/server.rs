@@ -101,6 +101,11 @@ pub struct Admission {
 }
 
 impl ConnContext {
+    /// The limits every connection runs under (another listener reads its timeouts here).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Takes a connection slot, or `None` at `max_connections` (counted as refused).
     pub fn admit(&self) -> Option<Admission> {
         Metrics::add(&self.metrics.connections_accepted, 1);

@@ -87,6 +87,8 @@ fn json_logs_and_anonymous_never() {
             "127.0.0.1:0",
             "--http-enabled",
             "false",
+            "--quic-enabled",
+            "false",
             "--log-format",
             "json",
         ])
@@ -134,7 +136,14 @@ fn json_logs_and_anonymous_never() {
 fn busy_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let out = mqttd(&["--listen", &addr, "--http-enabled", "false"]);
+    let out = mqttd(&[
+        "--listen",
+        &addr,
+        "--http-enabled",
+        "false",
+        "--quic-enabled",
+        "false",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -35,6 +35,10 @@ impl Mqttd {
                 "127.0.0.1:0",
                 "--log-level",
                 "warn",
+                // Tests run in parallel: the QUIC listener's fixed default port would clash
+                // (tests/quic/ runs it on free ports).
+                "--quic-enabled",
+                "false",
             ])
             .args(args)
             .stdout(Stdio::piped())

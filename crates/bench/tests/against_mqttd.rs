@@ -11,6 +11,8 @@ async fn start_mqttd() -> mqttd::server::Running {
         listen: ([127, 0, 0, 1], 0).into(),
         http_listen: None,
         sys_interval: None,
+        // Durable storage (the default) would write into the working directory.
+        storage: mqttd::config::StorageKind::Memory,
         ..Default::default()
     };
     mqttd::server::start(config)

@@ -1075,6 +1075,10 @@ impl<S: Store> Broker<S> {
     }
 }
 
+#[path = "broker_commit.rs"]
+mod commit;
+pub use commit::Restored;
+
 #[cfg(test)]
 #[path = "broker_tests.rs"]
 mod tests;

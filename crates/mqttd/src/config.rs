@@ -40,6 +40,23 @@ pub enum LogFormat {
 pub enum StorageKind {
     /// In memory: lost on restart.
     Memory,
+    /// A redb database file in the data directory (the default).
+    Redb,
+}
+
+/// When the durable store's writes reach the disk, relative to the acknowledgements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Committed and fsynced before the PUBACK/PUBREC/SUBACK/CONNACK that depends on it is sent
+    /// (one commit per batch of events: group commit). A crash loses nothing acknowledged.
+    Sync,
+    /// Acknowledged at once, committed every `commit_interval_ms`. A crash loses what was
+    /// acknowledged in the last interval.
+    Periodic,
+    /// Acknowledged at once, committed only on a clean shutdown. A crash loses everything since
+    /// the last clean start.
+    None,
 }
 
 /// Every setting, all optional: the schema of `mqttd.toml` and the command-line flags.
@@ -58,9 +75,16 @@ pub struct Settings {
     /// Who may connect without credentials: loopback, always, never [default: loopback].
     #[arg(long)]
     pub allow_anonymous: Option<Anonymous>,
-    /// Storage backend [default: memory].
+    /// Storage backend: redb (a file in `data_dir`) or memory [default: redb].
     #[arg(long)]
     pub storage: Option<StorageKind>,
+    /// When stored changes reach the disk: sync (before the acknowledgement), periodic, none
+    /// [default: sync].
+    #[arg(long)]
+    pub durability: Option<Durability>,
+    /// Milliseconds between commits with `durability = "periodic"` [default: 100].
+    #[arg(long)]
+    pub commit_interval_ms: Option<u64>,
     /// Log format: text or json [default: text].
     #[arg(long)]
     pub log_format: Option<LogFormat>,
@@ -143,6 +167,11 @@ pub struct Settings {
     /// trip; Retry also turns on by itself under a handshake flood) [default: false].
     #[arg(long)]
     pub quic_retry: Option<bool>,
+    /// Multi-stream mode (EMQX compatible): after the control stream, each further stream
+    /// carries its own PUBLISH/SUBSCRIBE flows, so one stalled topic does not block another.
+    /// Off: only the first stream is used (single-stream mode) [default: false].
+    #[arg(long)]
+    pub quic_multi_stream: Option<bool>,
 }
 
 /// The resolved configuration the broker runs with.
@@ -156,6 +185,10 @@ pub struct Config {
     pub allow_anonymous: Anonymous,
     /// Storage backend.
     pub storage: StorageKind,
+    /// When stored changes reach the disk.
+    pub durability: Durability,
+    /// Commit period with [`Durability::Periodic`].
+    pub commit_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -187,6 +220,8 @@ pub struct QuicConfig {
     pub zero_rtt: bool,
     /// Always validate client addresses with a Retry.
     pub retry: bool,
+    /// Multi-stream mode (EMQX compatible) instead of single-stream mode.
+    pub multi_stream: bool,
 }
 
 impl Default for QuicConfig {
@@ -198,6 +233,7 @@ impl Default for QuicConfig {
             max_streams: 16,
             zero_rtt: false,
             retry: false,
+            multi_stream: false,
         }
     }
 }
@@ -256,7 +292,9 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9883))),
             allow_anonymous: Anonymous::Loopback,
-            storage: StorageKind::Memory,
+            storage: StorageKind::Redb,
+            durability: Durability::Sync,
+            commit_interval: Duration::from_millis(100),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             limits: Limits::default(),
@@ -341,6 +379,8 @@ impl Settings {
             http_enabled,
             allow_anonymous,
             storage,
+            durability,
+            commit_interval_ms,
             log_format,
             log_level,
             max_connections,
@@ -365,7 +405,8 @@ impl Settings {
             quic_idle_timeout_secs,
             quic_max_streams,
             quic_zero_rtt,
-            quic_retry
+            quic_retry,
+            quic_multi_stream
         )
     }
 
@@ -449,6 +490,7 @@ impl Settings {
                 max_streams,
                 zero_rtt: self.quic_zero_rtt.unwrap_or(dq.zero_rtt),
                 retry: self.quic_retry.unwrap_or(dq.retry),
+                multi_stream: self.quic_multi_stream.unwrap_or(dq.multi_stream),
             })
         } else {
             None
@@ -462,6 +504,12 @@ impl Settings {
             },
             allow_anonymous: self.allow_anonymous.unwrap_or(d.allow_anonymous),
             storage: self.storage.unwrap_or(d.storage),
+            durability: self.durability.unwrap_or(d.durability),
+            commit_interval: match self.commit_interval_ms {
+                Some(0) => return Err(range("commit_interval_ms", "must be at least 1")),
+                Some(ms) => Duration::from_millis(ms),
+                None => d.commit_interval,
+            },
             log_format: self.log_format.unwrap_or(d.log_format),
             log_level,
             limits,

@@ -16,3 +16,4 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod store_redb;

@@ -30,9 +30,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::broker::{Broker, BrokerOptions, CloseReason, ConnId, Transmit};
-use crate::config::{Config, Limits};
+use crate::config::{Config, Durability, Limits};
 use crate::metrics::Metrics;
-use crate::store::MemoryStore;
+use crate::store::Store;
 
 /// An input to the core task.
 #[derive(Debug)]
@@ -106,6 +106,11 @@ impl ConnContext {
         &self.limits
     }
 
+    /// The broker's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Takes a connection slot, or `None` at `max_connections` (counted as refused).
     pub fn admit(&self) -> Option<Admission> {
         Metrics::add(&self.metrics.connections_accepted, 1);
@@ -167,8 +172,15 @@ impl Running {
     }
 }
 
-/// Binds the listeners and starts the broker's tasks.
+/// Opens the configured store (`storage`, `data_dir`), binds the listeners and starts the
+/// broker's tasks.
 pub async fn start(config: Config) -> std::io::Result<Running> {
+    let store = crate::store_redb::open_configured(&config)?;
+    start_with_store(config, store).await
+}
+
+/// [`start`] with a given store (tests inject faults this way).
+pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io::Result<Running> {
     let listener = TcpListener::bind(config.listen).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -197,17 +209,18 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     if let Some(l) = http {
         tokio::spawn(crate::http::serve(l, metrics.clone(), shutdown_rx.clone()));
     }
+    let loading = Instant::now();
     let broker = Broker::new(
         BrokerOptions {
             limits: config.limits.clone(),
             allow_anonymous: config.allow_anonymous,
         },
-        // `storage = "memory"`: the broker's own state is the only copy.
-        MemoryStore::volatile(),
+        store,
         metrics.clone(),
         Instant::now(),
     )
     .map_err(std::io::Error::other)?;
+    crate::store_redb::log_restored(&broker, loading);
     let (events_tx, events_rx) = mpsc::channel(8192);
     let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
     let ctx = ConnContext {
@@ -591,7 +604,7 @@ struct Handle {
 }
 
 async fn run_core(
-    mut broker: Broker<MemoryStore>,
+    mut broker: Broker<Box<dyn Store>>,
     mut events: mpsc::Receiver<Event>,
     mut shutdown: watch::Receiver<bool>,
     config: Config,
@@ -604,6 +617,12 @@ async fn run_core(
     let mut sys = tokio::time::interval(sys_every);
     sys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(256);
+    // `durability = "sync"`: a batch's packets (its acknowledgements among them) wait for the
+    // one commit that makes the whole batch durable (group commit).
+    let hold = broker.is_durable() && config.durability == Durability::Sync;
+    let periodic = broker.is_durable() && config.durability == Durability::Periodic;
+    let mut commit_tick = tokio::time::interval(config.commit_interval);
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             n = events.recv_many(&mut batch, 256) => {
@@ -613,14 +632,28 @@ async fn run_core(
                 let now = Instant::now();
                 for ev in batch.drain(..) {
                     handle_event(&mut broker, &mut handles, ev, now);
-                    dispatch(&mut broker, &mut handles, now);
+                    if !hold {
+                        dispatch(&mut broker, &mut handles, now);
+                    }
                 }
-                broker.flush_store();
+                if hold {
+                    crate::store_redb::commit(&mut broker);
+                    dispatch(&mut broker, &mut handles, now);
+                } else {
+                    broker.flush_store();
+                }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
                 broker.handle_timeout(now);
+                if hold {
+                    crate::store_redb::commit(&mut broker);
+                }
                 dispatch(&mut broker, &mut handles, now);
+            }
+            _ = commit_tick.tick(), if periodic => {
+                crate::store_redb::commit(&mut broker);
+                dispatch(&mut broker, &mut handles, Instant::now());
             }
             _ = sys.tick(), if config.sys_interval.is_some() => {
                 let now = Instant::now();
@@ -631,6 +664,7 @@ async fn run_core(
                 tracing::info!(clients = broker.connected(), "shutting down");
                 let now = Instant::now();
                 broker.shutdown(now);
+                crate::store_redb::commit(&mut broker);
                 dispatch(&mut broker, &mut handles, now);
                 handles.clear();
                 break;
@@ -661,7 +695,7 @@ async fn run_core(
 }
 
 fn handle_event(
-    broker: &mut Broker<MemoryStore>,
+    broker: &mut Broker<Box<dyn Store>>,
     handles: &mut HashMap<ConnId, Handle>,
     ev: Event,
     now: Instant,
@@ -688,7 +722,11 @@ fn handle_event(
 }
 
 /// Hands every pending transmit to its connection without ever waiting.
-fn dispatch(broker: &mut Broker<MemoryStore>, handles: &mut HashMap<ConnId, Handle>, now: Instant) {
+fn dispatch(
+    broker: &mut Broker<Box<dyn Store>>,
+    handles: &mut HashMap<ConnId, Handle>,
+    now: Instant,
+) {
     while let Some((conn, t)) = broker.poll_transmit() {
         let Some(h) = handles.get(&conn) else {
             continue;
@@ -776,6 +814,7 @@ mod tests {
         let config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             http_listen: None,
+            storage: crate::config::StorageKind::Memory,
             ..Config::default()
         };
         let running = start(config).await.expect("start");

@@ -141,6 +141,39 @@ pub trait Store: Send + 'static {
     fn is_persistent(&self) -> bool {
         true
     }
+    /// Makes every change since the last commit durable, in one transaction (the broker calls
+    /// this once per batch of events and releases that batch's acknowledgements after it
+    /// returns `Ok`). Stores that write through do nothing here.
+    fn commit(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl<S: Store + ?Sized> Store for Box<S> {
+    fn load_sessions(&mut self) -> Result<Vec<SessionState>, StoreError> {
+        (**self).load_sessions()
+    }
+    fn save_session(&mut self, state: &SessionState) -> Result<(), StoreError> {
+        (**self).save_session(state)
+    }
+    fn remove_session(&mut self, client_id: &str) -> Result<(), StoreError> {
+        (**self).remove_session(client_id)
+    }
+    fn load_retained(&mut self) -> Result<Vec<SharedMessage>, StoreError> {
+        (**self).load_retained()
+    }
+    fn save_retained(&mut self, message: &SharedMessage) -> Result<(), StoreError> {
+        (**self).save_retained(message)
+    }
+    fn remove_retained(&mut self, topic: &str) -> Result<(), StoreError> {
+        (**self).remove_retained(topic)
+    }
+    fn is_persistent(&self) -> bool {
+        (**self).is_persistent()
+    }
+    fn commit(&mut self) -> Result<(), StoreError> {
+        (**self).commit()
+    }
 }
 
 /// Keeps everything in memory. [`MemoryStore::new`] keeps snapshots (tests restore a broker

@@ -93,6 +93,7 @@ fn json_logs_and_anonymous_never() {
             "json",
         ])
         .args(["--log-level", "info", "--allow-anonymous", "never"])
+        .args(["--storage", "memory"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -143,6 +144,8 @@ fn busy_port_is_a_clear_error() {
         "false",
         "--quic-enabled",
         "false",
+        "--storage",
+        "memory",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -40,6 +40,12 @@ impl Mqttd {
                 "--quic-enabled",
                 "false",
             ])
+            // Durable storage is the default; these tests run in memory unless they ask.
+            .args(if args.contains(&"--storage") {
+                &[][..]
+            } else {
+                &["--storage", "memory"][..]
+            })
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

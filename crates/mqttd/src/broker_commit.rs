@@ -1,0 +1,314 @@
+//! Durability of the broker's state: committing the store once per batch of events (group
+//! commit) and, when a commit fails, turning the batch's acknowledgements into failures so that
+//! no client is told that something was stored when it was not.
+
+use mqttd_codec::{ConnAck, Packet, ReasonCode};
+
+use super::{Broker, ConnId, Transmit};
+use crate::store::{Outgoing, Store, StoreError};
+
+/// What a broker restored from its store at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Persistent sessions.
+    pub sessions: usize,
+    /// Subscriptions of those sessions.
+    pub subscriptions: usize,
+    /// Messages queued for them.
+    pub queued: usize,
+    /// Outgoing QoS 1/2 messages sent and not yet acknowledged (redelivered with DUP).
+    pub inflight: usize,
+    /// Retained messages.
+    pub retained: usize,
+}
+
+impl<S: Store> Broker<S> {
+    /// Whether the store keeps anything beyond the process (commits are worth waiting for).
+    pub fn is_durable(&self) -> bool {
+        self.persist
+    }
+
+    /// How much state the broker holds right now; right after [`Broker::new`], what it restored.
+    pub fn restored(&self) -> Restored {
+        let mut r = Restored {
+            sessions: self.sessions.len(),
+            retained: self.retained.len(),
+            ..Restored::default()
+        };
+        for s in self.sessions.values() {
+            r.subscriptions += s.state.subscriptions.len();
+            r.queued += s.state.queue.len();
+            r.inflight += s
+                .state
+                .outgoing
+                .values()
+                .filter(|o| matches!(o, Outgoing::Publish(_)))
+                .count();
+        }
+        r
+    }
+
+    /// Hands every persistent session changed since the last call to the store and commits the
+    /// store in one transaction. Until this returns, the acknowledgements produced since the
+    /// last commit must stay in [`Broker::poll_transmit`]'s queue: the driver calls this before
+    /// dispatching them.
+    ///
+    /// On failure every acknowledgement still queued becomes a refusal: PUBACK and PUBREC carry
+    /// 0x80 (Unspecified error) and SUBACK 0x80 for each filter for a 5.0 client, a 5.0 CONNACK
+    /// becomes 0x80 followed by a close, and a 3.1.1 connection (which has no way to say "not
+    /// stored") is closed instead of acknowledged. The store keeps the unsaved changes and
+    /// retries them at the next commit.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        let mut failed = None;
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(s) = self.sessions.get(&id)
+                && s.state.is_persistent()
+                && let Err(e) = self.store.save_session(&s.state)
+            {
+                tracing::error!(client = %id, error = %e, "cannot save session");
+                failed.get_or_insert(e);
+            }
+        }
+        let result = match failed {
+            Some(e) => Err(e),
+            None if self.persist => self.store.commit(),
+            None => Ok(()),
+        };
+        if result.is_err() {
+            self.fail_acks();
+        }
+        result
+    }
+
+    /// Whether `conn` is the current link of a 5.0 client.
+    fn is_v5(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .and_then(|c| self.sessions.get(c))
+            .and_then(|s| s.link.as_ref())
+            .is_some_and(|l| l.conn == conn && l.version.is_v5())
+    }
+
+    fn fail_acks(&mut self) {
+        let mut transmits = std::mem::take(&mut self.transmits);
+        let mut out = std::collections::VecDeque::with_capacity(transmits.len());
+        for (conn, t) in transmits.drain(..) {
+            let Transmit::Packet(p) = t else {
+                out.push_back((conn, t));
+                continue;
+            };
+            let is_ack = match &p {
+                Packet::PubAck(a) => !a.reason_code.is_error(),
+                Packet::PubRec(r) => !r.reason_code.is_error(),
+                Packet::SubAck(_) => true,
+                Packet::ConnAck(a) => a.reason_code == ReasonCode::Success,
+                _ => false,
+            };
+            if !is_ack {
+                out.push_back((conn, Transmit::Packet(p)));
+                continue;
+            }
+            if !self.is_v5(conn) {
+                out.push_back((conn, Transmit::Close));
+                continue;
+            }
+            let p = match p {
+                Packet::PubAck(mut a) => {
+                    a.reason_code = ReasonCode::UnspecifiedError;
+                    Packet::PubAck(a)
+                }
+                Packet::PubRec(mut r) => {
+                    r.reason_code = ReasonCode::UnspecifiedError;
+                    // The flow ends with this PUBREC: the id is free for a new message.
+                    if let Some(s) = self.conns.get(&conn).and_then(|c| self.sessions.get_mut(c)) {
+                        s.state.incoming_qos2.remove(&r.packet_id.get());
+                    }
+                    Packet::PubRec(r)
+                }
+                Packet::SubAck(mut a) => {
+                    for rc in &mut a.reason_codes {
+                        if !rc.is_error() {
+                            *rc = ReasonCode::UnspecifiedError;
+                        }
+                    }
+                    Packet::SubAck(a)
+                }
+                Packet::ConnAck(_) => {
+                    let ack = ConnAck::new(ReasonCode::UnspecifiedError);
+                    out.push_back((conn, Transmit::Packet(ack.into())));
+                    out.push_back((conn, Transmit::Close));
+                    continue;
+                }
+                other => other,
+            };
+            out.push_back((conn, Transmit::Packet(p)));
+        }
+        self.transmits = out;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::num::NonZeroU16;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use mqttd_codec::{
+        Connect, MqttString, ProtocolVersion, Publish, QoS, Subscribe, SubscribeFilter,
+        SubscriptionOptions, Topic, TopicFilter,
+    };
+
+    use super::*;
+    use crate::broker::BrokerOptions;
+    use crate::config::{Anonymous, Limits};
+    use crate::message::SharedMessage;
+    use crate::metrics::Metrics;
+    use crate::store::{MemoryStore, SessionState};
+
+    /// A store whose commits fail while `fail` is set: the fault-injecting wrapper.
+    struct Faulty {
+        inner: MemoryStore,
+        fail: Arc<AtomicBool>,
+        commits: usize,
+    }
+
+    impl Store for Faulty {
+        fn load_sessions(&mut self) -> Result<Vec<SessionState>, StoreError> {
+            self.inner.load_sessions()
+        }
+        fn save_session(&mut self, state: &SessionState) -> Result<(), StoreError> {
+            self.inner.save_session(state)
+        }
+        fn remove_session(&mut self, client_id: &str) -> Result<(), StoreError> {
+            self.inner.remove_session(client_id)
+        }
+        fn load_retained(&mut self) -> Result<Vec<SharedMessage>, StoreError> {
+            self.inner.load_retained()
+        }
+        fn save_retained(&mut self, m: &SharedMessage) -> Result<(), StoreError> {
+            self.inner.save_retained(m)
+        }
+        fn remove_retained(&mut self, topic: &str) -> Result<(), StoreError> {
+            self.inner.remove_retained(topic)
+        }
+        fn commit(&mut self) -> Result<(), StoreError> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(StoreError("I/O error: No space left on device".into()));
+            }
+            self.commits += 1;
+            Ok(())
+        }
+    }
+
+    fn broker(fail: Arc<AtomicBool>) -> Broker<Faulty> {
+        let store = Faulty {
+            inner: MemoryStore::new(),
+            fail,
+            commits: 0,
+        };
+        let opts = BrokerOptions {
+            limits: Limits::default(),
+            allow_anonymous: Anonymous::Always,
+        };
+        Broker::new(opts, store, Arc::new(Metrics::new()), Instant::now()).expect("broker")
+    }
+
+    fn connect(b: &mut Broker<Faulty>, conn: ConnId, id: &'static str, v: ProtocolVersion) {
+        let mut c = Connect::new(v, MqttString::from_static(id).expect("id"), 30);
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(3600);
+        b.handle_connect(conn, IpAddr::V4(Ipv4Addr::LOCALHOST), c, Instant::now());
+    }
+
+    fn drain(b: &mut Broker<Faulty>) -> Vec<(ConnId, Transmit)> {
+        std::iter::from_fn(|| b.poll_transmit()).collect()
+    }
+
+    fn publish(qos: QoS, id: u16) -> Packet {
+        Packet::Publish(Publish::new(
+            Topic::new("t").expect("topic"),
+            qos,
+            NonZeroU16::new(id),
+            Bytes::from_static(b"m"),
+        ))
+    }
+
+    #[test]
+    fn acks_wait_for_the_commit_and_a_failed_commit_turns_them_into_refusals() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let mut b = broker(fail.clone());
+        let now = Instant::now();
+        connect(&mut b, 1, "sub", ProtocolVersion::V5);
+        b.handle_packet(
+            1,
+            Packet::Subscribe(Subscribe {
+                packet_id: NonZeroU16::MIN,
+                filters: vec![SubscribeFilter {
+                    filter: TopicFilter::new("t").expect("filter"),
+                    options: SubscriptionOptions {
+                        qos: QoS::ExactlyOnce,
+                        ..SubscriptionOptions::default()
+                    },
+                }],
+                properties: Default::default(),
+            }),
+            now,
+        );
+        b.commit().expect("commit");
+        drain(&mut b);
+        b.handle_packet(1, Packet::Disconnect(Default::default()), now);
+        connect(&mut b, 2, "pub5", ProtocolVersion::V5);
+        connect(&mut b, 3, "pub3", ProtocolVersion::V3_1_1);
+        b.commit().expect("commit");
+        drain(&mut b);
+
+        fail.store(true, Ordering::Relaxed);
+        b.handle_packet(2, publish(QoS::AtLeastOnce, 1), now);
+        b.handle_packet(2, publish(QoS::ExactlyOnce, 2), now);
+        b.handle_packet(3, publish(QoS::AtLeastOnce, 1), now);
+        connect(&mut b, 4, "new5", ProtocolVersion::V5);
+        assert!(b.commit().is_err());
+        let out = drain(&mut b);
+        let for_conn = |c: ConnId| -> Vec<&Transmit> {
+            out.iter()
+                .filter(|(k, _)| *k == c)
+                .map(|(_, t)| t)
+                .collect()
+        };
+        let v5 = for_conn(2);
+        assert!(
+            matches!(v5[0], Transmit::Packet(Packet::PubAck(a)) if a.reason_code == ReasonCode::UnspecifiedError),
+            "{v5:?}"
+        );
+        assert!(
+            matches!(v5[1], Transmit::Packet(Packet::PubRec(r)) if r.reason_code == ReasonCode::UnspecifiedError),
+            "{v5:?}"
+        );
+        assert_eq!(
+            for_conn(3),
+            vec![&Transmit::Close],
+            "3.1.1: closed, never acked"
+        );
+        let new = for_conn(4);
+        assert!(
+            matches!(new[0], Transmit::Packet(Packet::ConnAck(a)) if a.reason_code == ReasonCode::UnspecifiedError)
+        );
+        assert_eq!(new[1], &Transmit::Close);
+        // The refused QoS 2 id is free again: a new message with it is a new message.
+        fail.store(false, Ordering::Relaxed);
+        b.handle_packet(2, publish(QoS::ExactlyOnce, 2), now);
+        b.commit().expect("commit");
+        let out = drain(&mut b);
+        assert!(
+            out.iter().any(|(c, t)| *c == 2
+                && matches!(t, Transmit::Packet(Packet::PubRec(r)) if r.reason_code == ReasonCode::Success))
+        );
+        // What was not stored was kept pending and is saved by the next commit.
+        assert!(b.store().commits >= 3);
+        let saved = b.store().inner.session("sub").expect("saved session");
+        assert!(saved.queue.len() >= 3, "{}", saved.queue.len());
+    }
+}

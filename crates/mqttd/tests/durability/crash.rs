@@ -1,0 +1,343 @@
+//! SIGKILL the broker at seeded random moments while a rumqttc client publishes QoS 1, QoS 2 and
+//! retained messages to offline persistent subscribers; restart on the same data directory each
+//! time; at the end every acknowledged message must be delivered (QoS 2 exactly once) with
+//! Session Present, and every acknowledged retained message must still be retained.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+use crate::{Broker, TempDir, WAIT};
+
+/// Rounds of publish-then-SIGKILL (one more kill comes after the subscriptions are made).
+const ROUNDS: u64 = 22;
+/// Messages a round publishes at most (of each QoS) before the kill comes anyway.
+const MAX_PER_ROUND: u64 = 3000;
+
+/// splitmix64: a small seeded generator, enough for choosing kill moments.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Q1,
+    Q2,
+    Retained,
+}
+
+/// What the publisher saw acknowledged: PUBACK for QoS 1, PUBREC for QoS 2 (the broker has
+/// taken the message over at that point).
+#[derive(Default)]
+struct Acked {
+    q1: HashSet<String>,
+    q2: HashSet<String>,
+    retained: HashMap<String, String>,
+}
+
+fn options(id: &str, addr: SocketAddr, clean: bool) -> MqttOptions {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(clean);
+    o
+}
+
+/// Connects a persistent session, subscribes, waits for the SUBACK and leaves.
+async fn subscribe_and_leave(addr: SocketAddr, id: &str, filter: &str, qos: QoS) {
+    let (client, mut el) = AsyncClient::new(options(id, addr, false), 10);
+    client.subscribe(filter, qos).await.expect("subscribe");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ev = tokio::time::timeout(WAIT, el.poll())
+            .await
+            .expect("in time")
+            .expect("connected");
+        if let Event::Incoming(Packet::SubAck(_)) = ev {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no SUBACK");
+    }
+    client.disconnect().await.expect("disconnect");
+    // Until the DISCONNECT is out and the broker closes.
+    let _ = tokio::time::timeout(WAIT, async {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Outgoing(Outgoing::Disconnect) = ev {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Publishes from a fresh clean-session client until `kill_after` has passed, then SIGKILLs
+/// the broker and records what was acknowledged before the connection died.
+async fn publish_until_killed(broker: Broker, round: u64, kill_after: Duration, acked: &mut Acked) {
+    let (client, mut el) =
+        AsyncClient::new(options(&format!("pub-{round}"), broker.addr, true), 64);
+    let sent: Arc<Mutex<VecDeque<(Kind, String, String)>>> = Arc::default();
+    let queue = sent.clone();
+    let producer = tokio::spawn(async move {
+        for i in 0..MAX_PER_ROUND {
+            let batch = [
+                (Kind::Q1, "crash/q1".to_owned(), format!("q1-{round}-{i}")),
+                (Kind::Q2, "crash/q2".to_owned(), format!("q2-{round}-{i}")),
+            ];
+            for (kind, topic, payload) in batch {
+                let qos = if kind == Kind::Q1 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::ExactlyOnce
+                };
+                // Recorded before the request: the event loop sends in request order.
+                queue
+                    .lock()
+                    .expect("lock")
+                    .push_back((kind, topic.clone(), payload.clone()));
+                if client.publish(topic, qos, false, payload).await.is_err() {
+                    return;
+                }
+            }
+            if i % 10 == 0 {
+                let topic = format!("crash/retained/{round}-{i}");
+                let payload = format!("r-{round}-{i}");
+                queue.lock().expect("lock").push_back((
+                    Kind::Retained,
+                    topic.clone(),
+                    payload.clone(),
+                ));
+                if client
+                    .publish(topic, QoS::AtLeastOnce, true, payload)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    let mut by_pkid: HashMap<u16, (Kind, String, String)> = HashMap::new();
+    let kill_at = tokio::time::Instant::now() + kill_after;
+    let mut broker = Some(broker);
+    let give_up = tokio::time::Instant::now() + kill_after + WAIT;
+    loop {
+        let ev = tokio::select! {
+            ev = el.poll() => ev,
+            _ = tokio::time::sleep_until(kill_at), if broker.is_some() => {
+                if let Some(b) = broker.take() {
+                    b.kill();
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(give_up) => panic!("the connection outlived the broker"),
+        };
+        match ev {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(entry) = sent.lock().expect("lock").pop_front() {
+                    by_pkid.insert(pkid, entry);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => {
+                if let Some((kind, topic, payload)) = by_pkid.remove(&a.pkid) {
+                    match kind {
+                        Kind::Q1 => {
+                            acked.q1.insert(payload);
+                        }
+                        Kind::Retained => {
+                            acked.retained.insert(topic, payload);
+                        }
+                        Kind::Q2 => panic!("PUBACK for a QoS 2 message"),
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubRec(r))) => {
+                if let Some((Kind::Q2, _, payload)) = by_pkid.get(&r.pkid) {
+                    acked.q2.insert(payload.clone());
+                }
+            }
+            Ok(Event::Incoming(Packet::PubComp(c))) => {
+                by_pkid.remove(&c.pkid);
+            }
+            Ok(_) => {}
+            Err(_) if broker.is_none() => break,
+            Err(e) => panic!("connection failed before the kill: {e}"),
+        }
+    }
+    producer.abort();
+}
+
+/// Reconnects a persistent subscriber: asserts Session Present and collects what arrives
+/// until `want` is covered and nothing more came for a while.
+async fn drain(addr: SocketAddr, id: &str, want: &HashSet<String>) -> Vec<String> {
+    let (_client, mut el) = AsyncClient::new(options(id, addr, false), 10);
+    let mut got = Vec::new();
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut connacked = false;
+    loop {
+        let idle = if seen.is_superset(want) {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(3)
+        };
+        let ev = match tokio::time::timeout(idle, el.poll()).await {
+            Err(_) => break,
+            Ok(ev) => ev.expect("subscriber connection"),
+        };
+        match ev {
+            Event::Incoming(Packet::ConnAck(a)) => {
+                assert!(
+                    a.session_present,
+                    "{id}: Session Present after the restarts"
+                );
+                connacked = true;
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                let s = String::from_utf8_lossy(&p.payload).into_owned();
+                seen.insert(s.clone());
+                got.push(s);
+            }
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "{id}: still draining");
+    }
+    assert!(connacked, "{id}: no CONNACK");
+    got
+}
+
+async fn retained(addr: SocketAddr) -> HashMap<String, String> {
+    let (client, mut el) = AsyncClient::new(options("retained-check", addr, true), 10);
+    client
+        .subscribe("crash/retained/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut got = HashMap::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(800), el.poll()).await {
+            Err(_) => break,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                got.insert(
+                    p.topic.clone(),
+                    String::from_utf8_lossy(&p.payload).into_owned(),
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("retained check: {e}"),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill() {
+    let seed = std::env::var("MQTTD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6d71_7474_6431_u64);
+    let durability = std::env::var("MQTTD_CRASH_DURABILITY").unwrap_or_else(|_| "sync".into());
+    eprintln!("crash test: seed {seed}, durability {durability}");
+    let started = Instant::now();
+    let mut rng = Rng(seed);
+    let dir = TempDir::new("crash");
+    let args = ["--durability", durability.as_str()];
+
+    let b = Broker::start(&dir.0, &args);
+    subscribe_and_leave(b.addr, "sub-q1", "crash/q1", QoS::AtLeastOnce).await;
+    subscribe_and_leave(b.addr, "sub-q2", "crash/q2", QoS::ExactlyOnce).await;
+    b.kill();
+    let mut kills = 1;
+
+    let mut acked = Acked::default();
+    for round in 0..ROUNDS {
+        let b = Broker::start(&dir.0, &args);
+        let kill_after = Duration::from_millis(rng.range(20, 400));
+        publish_until_killed(b, round, kill_after, &mut acked).await;
+        kills += 1;
+    }
+    eprintln!(
+        "{kills} kills in {:?}; acknowledged: {} QoS 1, {} QoS 2, {} retained",
+        started.elapsed(),
+        acked.q1.len(),
+        acked.q2.len(),
+        acked.retained.len()
+    );
+    assert!(kills >= 20);
+    assert!(
+        !acked.q1.is_empty() && !acked.q2.is_empty() && !acked.retained.is_empty(),
+        "the rounds acknowledged nothing: the test would prove nothing"
+    );
+
+    let b = Broker::start(&dir.0, &args);
+    let q1 = drain(b.addr, "sub-q1", &acked.q1).await;
+    let q2 = drain(b.addr, "sub-q2", &acked.q2).await;
+    let kept = retained(b.addr).await;
+
+    let q1_set: HashSet<&String> = q1.iter().collect();
+    let lost_q1: Vec<&String> = acked.q1.iter().filter(|m| !q1_set.contains(m)).collect();
+    let mut counts: HashMap<&String, usize> = HashMap::new();
+    for m in &q2 {
+        *counts.entry(m).or_default() += 1;
+    }
+    let lost_q2: Vec<&String> = acked
+        .q2
+        .iter()
+        .filter(|m| !counts.contains_key(m))
+        .collect();
+    let dup_q2: Vec<&&String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(m, _)| m)
+        .collect();
+    let lost_retained: Vec<&String> = acked
+        .retained
+        .iter()
+        .filter(|(t, p)| kept.get(*t) != Some(p))
+        .map(|(t, _)| t)
+        .collect();
+    eprintln!(
+        "delivered after restart: {} QoS 1 ({} duplicates), {} QoS 2; lost: {} QoS 1, {} QoS 2, \
+         {} retained; QoS 2 duplicates: {}; total {:?}",
+        q1.len(),
+        q1.len() - q1_set.len(),
+        q2.len(),
+        lost_q1.len(),
+        lost_q2.len(),
+        lost_retained.len(),
+        dup_q2.len(),
+        started.elapsed()
+    );
+    assert!(
+        lost_q1.is_empty(),
+        "acknowledged QoS 1 lost: {:?}",
+        &lost_q1[..lost_q1.len().min(10)]
+    );
+    assert!(
+        lost_q2.is_empty(),
+        "acknowledged QoS 2 lost: {:?}",
+        &lost_q2[..lost_q2.len().min(10)]
+    );
+    assert!(
+        dup_q2.is_empty(),
+        "QoS 2 delivered twice: {:?}",
+        &dup_q2[..dup_q2.len().min(10)]
+    );
+    assert!(
+        lost_retained.is_empty(),
+        "acknowledged retained lost: {:?}",
+        &lost_retained[..lost_retained.len().min(10)]
+    );
+}

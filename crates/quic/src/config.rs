@@ -122,6 +122,10 @@ pub struct ServerConfig {
     pub max_half_open: usize,
     /// How long a Retry token stays valid.
     pub retry_token_lifetime: Duration,
+    /// Key deriving stateless-reset tokens. Keep it stable across restarts (and share it
+    /// between servers behind one address) so clients of a lost connection are reset at once
+    /// instead of waiting for their idle timeout; `None` picks a random key per endpoint.
+    pub stateless_reset_key: Option<[u8; 32]>,
 }
 
 impl ServerConfig {
@@ -135,6 +139,7 @@ impl ServerConfig {
             max_connections: 10_000,
             max_half_open: 1000,
             retry_token_lifetime: Duration::from_secs(10),
+            stateless_reset_key: None,
         }
     }
 }

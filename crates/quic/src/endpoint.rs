@@ -52,6 +52,7 @@ struct Route {
 struct ConnEntry {
     conn: Arc<ConnInner>,
     cids: Vec<ConnectionId>,
+    remote: SocketAddr,
     handshaking: bool,
 }
 
@@ -59,6 +60,9 @@ struct ConnEntry {
 struct Table {
     routes: HashMap<ConnectionId, Route>,
     conns: HashMap<u64, ConnEntry>,
+    /// Connections by the peer address they started on: a Stateless Reset carries no CID we
+    /// know, so it is matched to a connection by where it comes from (ngtcp2 checks the token).
+    by_remote: HashMap<SocketAddr, Arc<ConnInner>>,
     half_open: usize,
     closing: bool,
     /// Handshakes started in the current one-second window (for automatic Retry).
@@ -194,6 +198,9 @@ impl EndpointInner {
             if e.handshaking {
                 t.half_open -= 1;
             }
+            if t.by_remote.get(&e.remote).is_some_and(|c| c.id == conn.id) {
+                t.by_remote.remove(&e.remote);
+            }
             for cid in e.cids {
                 if t.routes.get(&cid).is_some_and(|r| r.conn.id == conn.id) {
                     t.routes.remove(&cid);
@@ -210,6 +217,7 @@ impl EndpointInner {
         extra_cid: Option<ConnectionId>,
     ) -> Arc<ConnInner> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let remote = proto.path().remote;
         let mut cids = proto.local_cids();
         cids.push(proto.initial_scid());
         if let Some(c) = extra_cid {
@@ -226,9 +234,11 @@ impl EndpointInner {
                 ConnEntry {
                     conn: conn.clone(),
                     cids,
+                    remote,
                     handshaking: true,
                 },
             );
+            t.by_remote.insert(remote, conn.clone());
             t.half_open += 1;
         }
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -280,11 +290,15 @@ impl EndpointInner {
             }
             packet::Decoded::Supported(h) => h,
         };
-        let route = self
-            .table()
-            .routes
-            .get(&header.dcid)
-            .map(|r| r.conn.clone());
+        let route = {
+            let t = self.table();
+            match t.routes.get(&header.dcid) {
+                Some(r) => Some(r.conn.clone()),
+                // Possibly a Stateless Reset from a peer we talk to.
+                None if !header.long => t.by_remote.get(&path.remote).cloned(),
+                None => None,
+            }
+        };
         if let Some(conn) = route {
             let handshake_now_done = {
                 let mut st = conn.lock();
@@ -609,6 +623,9 @@ impl Endpoint {
         let mut reset_secret = [0u8; 32];
         let mut token_secret = [0u8; 32];
         getrandom::fill(&mut reset_secret).map_err(io::Error::other)?;
+        if let Some(key) = server.as_ref().and_then(|s| s.stateless_reset_key) {
+            reset_secret = key;
+        }
         getrandom::fill(&mut token_secret).map_err(io::Error::other)?;
         let cid_len = server
             .as_ref()

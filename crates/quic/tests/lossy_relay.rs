@@ -130,3 +130,71 @@ async fn four_mib_both_directions_through_a_lossy_reordering_relay() {
     .await
     .expect("timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_lost_the_connection_resets_the_client_statelessly() {
+    timeout(Duration::from_secs(20), async {
+        let pki = Pki::new();
+        let key = [0x42u8; 32];
+        let make = || {
+            let mut cfg = pki.server_config();
+            cfg.transport = Arc::new(support::transport());
+            cfg.stateless_reset_key = Some(key);
+            Endpoint::server(cfg, localhost()).expect("server")
+        };
+        // Two servers sharing the reset key: the second knows nothing of the connection, like a
+        // restarted process behind the same address.
+        let (a, b) = (make(), make());
+        support::spawn_echo(a.clone());
+        let target = Arc::new(Mutex::new(a.local_addr()));
+        let relay = UdpSocket::bind(localhost()).await.expect("relay");
+        let relay_addr = relay.local_addr().expect("addr");
+        let t = target.clone();
+        let servers = [a.local_addr(), b.local_addr()];
+        tokio::spawn(async move {
+            let mut client = None;
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+                let to = if servers.contains(&from) {
+                    // Only the current target's packets reach the client.
+                    if from != *t.lock().expect("target") {
+                        continue;
+                    }
+                    match client {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                } else {
+                    client = Some(from);
+                    *t.lock().expect("target")
+                };
+                let _ = relay.send_to(&buf[..n], to).await;
+            }
+        });
+        let client = Endpoint::client(localhost()).expect("client");
+        let conn = client
+            .connect(&pki.client_config(), relay_addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut s, mut r) = conn.open_bi().await.expect("open");
+        s.write_all(b"one").await.expect("write");
+        assert_eq!(
+            r.read_chunk(10).await.expect("read").as_deref(),
+            Some(&b"one"[..])
+        );
+        // The relay now sends the client's packets to the server that never saw them.
+        *target.lock().expect("target") = b.local_addr();
+        s.write_all(b"two").await.expect("write");
+        let err = conn.closed().await;
+        assert_eq!(err, mqttd_quic::ConnectionError::Reset);
+        assert!(
+            b.stats()
+                .stateless_resets
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
+    })
+    .await
+    .expect("timed out");
+}

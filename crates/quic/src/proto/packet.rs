@@ -155,17 +155,19 @@ pub fn write_version_negotiation(
 
 /// Writes a Stateless Reset for a short-header packet of `received_len` bytes that went to an
 /// unknown connection ID. The reset is shorter than what triggered it (so two endpoints cannot
-/// loop) and at least 41 bytes; `None` if the trigger is too short to answer.
+/// loop) and at least 21 bytes; `None` if the trigger is too short to answer.
 pub fn write_stateless_reset(
     token: &[u8; 16],
     received_len: usize,
     out: &mut Vec<u8>,
 ) -> Option<usize> {
-    const MIN_LEN: usize = 41;
+    // RFC 9000 §10.3.3: answer short triggers with one byte less (never a loop), down to
+    // the smallest reset ngtcp2 writes (5 random bytes + 16-byte token).
+    const MIN_LEN: usize = 5 + 16;
     if received_len <= MIN_LEN {
         return None;
     }
-    let len = (received_len - 1).min(MIN_LEN + 16);
+    let len = (received_len - 1).min(43);
     let randlen = len - 16;
     let mut rand = vec![0u8; randlen];
     fill_random(&mut rand);
@@ -337,9 +339,10 @@ mod tests {
             other => panic!("expected VN trigger, got {other:?}"),
         }
         let mut out = Vec::new();
-        assert!(write_stateless_reset(&[7; 16], 40, &mut out).is_none());
+        assert!(write_stateless_reset(&[7; 16], 21, &mut out).is_none());
+        assert_eq!(write_stateless_reset(&[7; 16], 30, &mut out), Some(29));
         let n = write_stateless_reset(&[7; 16], 100, &mut out).expect("reset");
-        assert!((41..100).contains(&n));
+        assert!((21..100).contains(&n));
         assert_eq!(&out[n - 16..], &[7; 16]);
     }
 }

@@ -321,6 +321,11 @@ fn start_broker(kind: BrokerKind, bin: &Path, work: &Path, tag: &str) -> Result<
                 "--max-connections",
                 "1000000",
             ]);
+            // The default durable storage (redb, durability = "sync"), in a fresh directory
+            // per run, never in the working directory.
+            let data = work.join(format!("{tag}.mqttd-data"));
+            let _ = fs::remove_dir_all(&data);
+            cmd.arg("--data-dir").arg(data);
         }
         BrokerKind::Mosquitto => {
             let conf = work.join(format!("{tag}.mosquitto.conf"));

@@ -149,9 +149,13 @@ impl<S: Store> Broker<S> {
                     router.subscribe(&spec, state.client_id.clone(), sub.clone());
                 }
             }
-            // Restarted: the expiry clock runs from now.
+            // Restarted: a session stored while disconnected keeps its deadline (a durable store
+            // brings it back from wall-clock time, so expiry counts while the broker is down);
+            // one stored while connected starts its clock now.
             if state.expiry_interval != u32::MAX {
-                let at = now + Duration::from_secs(u64::from(state.expiry_interval));
+                let at = state
+                    .expires_at
+                    .unwrap_or(now + Duration::from_secs(u64::from(state.expiry_interval)));
                 state.expires_at = Some(at);
                 timers.push(Reverse((at, Timer::Expiry(state.client_id.clone()))));
             }

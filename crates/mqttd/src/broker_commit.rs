@@ -237,6 +237,35 @@ mod tests {
     }
 
     #[test]
+    fn session_expiry_keeps_counting_across_a_restart() {
+        let now = Instant::now();
+        let mut store = MemoryStore::new();
+        // Disconnected with an hour to live, 59 min 59 s of which passed while the broker was down.
+        let mut gone = SessionState::new(Arc::from("gone"), 3600);
+        gone.expires_at = Some(now + std::time::Duration::from_secs(1));
+        store.save_session(&gone).expect("save");
+        // Stored while connected (a crash): its clock starts at the restart.
+        store
+            .save_session(&SessionState::new(Arc::from("kept"), 3600))
+            .expect("save");
+        let fail = Arc::new(AtomicBool::new(false));
+        let store = Faulty {
+            inner: store,
+            fail,
+            commits: 0,
+        };
+        let opts = BrokerOptions {
+            limits: Limits::default(),
+            allow_anonymous: Anonymous::Always,
+        };
+        let mut b = Broker::new(opts, store, Arc::new(Metrics::new()), now).expect("broker");
+        assert!(b.has_session("gone") && b.has_session("kept"));
+        b.handle_timeout(now + std::time::Duration::from_secs(2));
+        assert!(!b.has_session("gone"), "expired while the broker was down");
+        assert!(b.has_session("kept"));
+    }
+
+    #[test]
     fn acks_wait_for_the_commit_and_a_failed_commit_turns_them_into_refusals() {
         let fail = Arc::new(AtomicBool::new(false));
         let mut b = broker(fail.clone());

@@ -1,11 +1,15 @@
 //! The MQTT-over-QUIC listener (`shared/DESIGN.md`, "MQTT over QUIC").
 //!
 //! One `mqttd-quic` server endpoint on UDP (14567 by default), ALPN `mqtt`, TLS 1.3. Every
-//! accepted connection is admitted under the same `max_connections` as TCP; then its first
-//! client-initiated bidirectional stream is the MQTT byte stream, handed to the very same
-//! [`serve_connection`] as a TCP socket, so sessions, subscriptions and queued messages are
-//! shared by both transports (single-stream mode, EMQX's default). Further bidirectional
-//! streams are refused with STOP_SENDING/RESET_STREAM ([`STREAM_REFUSED`]).
+//! accepted connection is admitted under the same `max_connections` as TCP and handed to the
+//! very same [`serve_connection`] as a TCP socket, so sessions, subscriptions and queued
+//! messages are shared by both transports.
+//!
+//! - Single-stream mode (the default): the first client-initiated bidirectional stream is the
+//!   MQTT byte stream. Further bidirectional streams are refused with
+//!   STOP_SENDING/RESET_STREAM ([`STREAM_REFUSED`]).
+//! - Multi-stream mode (`quic_multi_stream`, EMQX compatible): the first stream is the control
+//!   stream and every further one a data stream; see [`streams`](self) for the routing rules.
 //!
 //! Timers: the QUIC idle timeout only ends connections whose peer is gone. The broker sends a
 //! QUIC PING when it has sent nothing for a third of the idle timeout, so a live connection
@@ -31,6 +35,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::QuicConfig;
 use crate::server::{ConnContext, serve_connection};
+
+mod streams;
 
 /// The ALPN protocol of MQTT over QUIC (EMQX's, and the only one the listener accepts).
 pub const ALPN: &[u8] = b"mqtt";
@@ -270,7 +276,7 @@ async fn serve_quic(
     _endpoint: Endpoint,
     ctx: ConnContext,
     mut shutdown: watch::Receiver<bool>,
-    _config: QuicConfig,
+    config: QuicConfig,
 ) {
     let Some(peer) = connecting.remote_address() else {
         return;
@@ -308,6 +314,10 @@ async fn serve_quic(
             return;
         }
     };
+    if config.multi_stream {
+        serve_multi_stream(conn, send, recv, peer, admission, ctx).await;
+        return;
+    }
     // Single-stream mode: any further stream is refused, never left to buffer.
     let refuser = {
         let conn = conn.clone();
@@ -332,6 +342,60 @@ async fn serve_quic(
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     }
     refuser.abort();
+    conn.close(0, b"");
+}
+
+/// Multi-stream mode: the control stream and every data stream the client opens, merged into
+/// the one byte stream the core serves.
+async fn serve_multi_stream(
+    conn: mqttd_quic::Connection,
+    send: SendStream,
+    recv: RecvStream,
+    peer: SocketAddr,
+    admission: crate::server::Admission,
+    ctx: ConnContext,
+) {
+    let max = ctx.limits().max_packet_size as usize;
+    let shared = streams::Shared::new(ctx.limits().connection_buffer, ctx.metrics().clone());
+    let (to_core, from_streams) = tokio::sync::mpsc::channel(64);
+    let (control_slot, control_writer) = shared.add_stream(send);
+    let (connected_tx, connected) = oneshot::channel();
+    tokio::spawn(streams::read_stream(
+        shared.clone(),
+        control_slot,
+        recv,
+        to_core.clone(),
+        max,
+        Some(connected_tx),
+    ));
+    let acceptor = {
+        let conn = conn.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            // Data streams are read once CONNECT went in: the core must see it first.
+            if connected.await.is_err() {
+                return;
+            }
+            while let Ok((s, r)) = conn.accept_bi().await {
+                let (slot, _writer) = shared.add_stream(s);
+                tokio::spawn(streams::read_stream(
+                    shared.clone(),
+                    slot,
+                    r,
+                    to_core.clone(),
+                    max,
+                    None,
+                ));
+            }
+        })
+    };
+    let io = streams::MuxIo::new(shared, from_streams);
+    serve_connection(io, peer, admission.conn, ctx).await;
+    drop(admission);
+    acceptor.abort();
+    // The writers finish their streams once drained; give the control stream's last packets
+    // (a DISCONNECT) time to arrive before the connection closes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), control_writer).await;
     conn.close(0, b"");
 }
 

@@ -43,12 +43,32 @@ pub fn quinn_config(cert_pem: &[u8], alpn: &[u8]) -> quinn::ClientConfig {
     quinn::ClientConfig::new(Arc::new(crypto))
 }
 
-/// One MQTT 3.1.1 session over the first bidirectional stream of a quinn connection.
+/// One MQTT 3.1.1 session over a quinn connection: its first bidirectional stream (the only
+/// one in single-stream mode, the control stream in multi-stream mode) is `self` through
+/// `Deref`.
 pub struct QuicMqtt {
     conn: quinn::Connection,
+    control: MqttStream,
+}
+
+/// MQTT packets over one quinn bidirectional stream.
+pub struct MqttStream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     buf: BytesMut,
+}
+
+impl std::ops::Deref for QuicMqtt {
+    type Target = MqttStream;
+    fn deref(&self) -> &MqttStream {
+        &self.control
+    }
+}
+
+impl std::ops::DerefMut for QuicMqtt {
+    fn deref_mut(&mut self) -> &mut MqttStream {
+        &mut self.control
+    }
 }
 
 fn encode(p: &Packet, out: &mut BytesMut) {
@@ -88,9 +108,11 @@ impl QuicMqtt {
         let (send, recv) = conn.open_bi().await.expect("open stream");
         let mut c = QuicMqtt {
             conn,
-            send,
-            recv,
-            buf: BytesMut::new(),
+            control: MqttStream {
+                send,
+                recv,
+                buf: BytesMut::new(),
+            },
         };
         let mut connect = Connect::new(id);
         connect.clean_session = clean;
@@ -115,6 +137,28 @@ impl QuicMqtt {
         self.conn.close_reason().is_none()
     }
 
+    /// Opens a data stream (multi-stream mode).
+    pub async fn open_stream(&self) -> MqttStream {
+        let (send, recv) = self.conn.open_bi().await.expect("open stream");
+        MqttStream {
+            send,
+            recv,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends DISCONNECT, finishes the stream and closes the connection once the broker ended it.
+    pub async fn disconnect(mut self) {
+        self.send(Packet::Disconnect).await;
+        let _ = self.control.send.finish();
+        // The broker closes the stream after DISCONNECT; then the connection.
+        let _ =
+            tokio::time::timeout(WAIT, async { while self.try_recv().await.is_some() {} }).await;
+        self.conn.close(0u32.into(), b"bye");
+    }
+}
+
+impl MqttStream {
     pub async fn send(&mut self, p: Packet) {
         let mut out = BytesMut::new();
         encode(&p, &mut out);
@@ -129,7 +173,7 @@ impl QuicMqtt {
     }
 
     /// The next packet, or `None` when the stream ended or the connection closed.
-    async fn try_recv(&mut self) -> Option<Packet> {
+    pub async fn try_recv(&mut self) -> Option<Packet> {
         loop {
             match read(&mut self.buf, 1 << 20) {
                 Ok(p) => return Some(p),
@@ -197,13 +241,9 @@ impl QuicMqtt {
         }
     }
 
-    /// Sends DISCONNECT, finishes the stream and closes the connection once the broker ended it.
-    pub async fn disconnect(mut self) {
-        self.send(Packet::Disconnect).await;
-        let _ = self.send.finish();
-        // The broker closes the stream after DISCONNECT; then the connection.
-        let _ =
-            tokio::time::timeout(WAIT, async { while self.try_recv().await.is_some() {} }).await;
-        self.conn.close(0u32.into(), b"bye");
+    /// Stops reading and resets the sending side (the client abandons the stream).
+    pub fn abandon(mut self) {
+        let _ = self.recv.stop(0u32.into());
+        let _ = self.send.reset(0u32.into());
     }
 }

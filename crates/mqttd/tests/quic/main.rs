@@ -214,73 +214,261 @@ fn generated_certificate_fingerprint_matches_the_served_file() {
 }
 
 /// quinn + mqttbytes subscriber and publisher against a rumqttc TCP client: QoS 0, 1 and 2
-/// both ways through the broker.
+/// both ways through the broker. In multi-stream mode the subscription and the publishes use
+/// two different data streams, and every ack and delivery must come back on the right one.
+async fn exchange_qos_0_1_2(multi: bool) {
+    let broker = if multi {
+        Broker::start("qos-multi", &["--quic-multi-stream", "true"])
+    } else {
+        Broker::start("qos", &[])
+    };
+    let ep = quinn_endpoint();
+    let (mut quic, ack) = QuicMqtt::connect(&ep, &broker, "quic-1", true, 30).await;
+    assert_eq!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
+    assert_eq!(quic.alpn().as_deref(), Some(&b"mqtt"[..]));
+    let (mut sub_stream, mut pub_stream) = if multi {
+        (
+            Some(quic.open_stream().await),
+            Some(quic.open_stream().await),
+        )
+    } else {
+        (None, None)
+    };
+    sub_stream
+        .as_mut()
+        .unwrap_or(&mut quic)
+        .subscribe(1, "q/#", QoS::ExactlyOnce)
+        .await;
+
+    let mut tcp = tcp_client(&broker, "tcp-1", true).await;
+    tcp.client
+        .subscribe("t/#", QoS::ExactlyOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let rumqttc::Packet::SubAck(_) = tcp.next().await {
+            break;
+        }
+    }
+
+    // TCP -> QUIC, each QoS.
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        tcp.client
+            .publish(format!("q/{i}"), qos, false, format!("to quic {i}"))
+            .await
+            .expect("publish");
+        let p = sub_stream
+            .as_mut()
+            .unwrap_or(&mut quic)
+            .receive_publish()
+            .await;
+        assert_eq!(p.topic, format!("q/{i}"));
+        assert_eq!(p.qos, qos);
+        assert_eq!(&p.payload[..], format!("to quic {i}").as_bytes());
+    }
+
+    // QUIC -> TCP, each QoS with its full handshake.
+    let mut pkid = 10;
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        let stream = pub_stream.as_mut().unwrap_or(&mut quic);
+        pkid += 1;
+        let mut p = Publish::new(format!("t/{i}"), qos, format!("to tcp {i}"));
+        if qos != QoS::AtMostOnce {
+            p.pkid = pkid;
+        }
+        stream.send(Packet::Publish(p)).await;
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                assert_eq!(stream.recv().await, Packet::PubAck(PubAck::new(pkid)));
+            }
+            QoS::ExactlyOnce => {
+                assert_eq!(stream.recv().await, Packet::PubRec(PubRec::new(pkid)));
+                stream.send(Packet::PubRel(PubRel::new(pkid))).await;
+                assert_eq!(stream.recv().await, Packet::PubComp(PubComp::new(pkid)));
+            }
+        }
+        let got = tcp.next_publish().await;
+        assert_eq!(got.topic, format!("t/{i}"));
+        assert_eq!(got.qos, qos);
+        assert_eq!(&got.payload[..], format!("to tcp {i}").as_bytes());
+    }
+    if multi {
+        // PINGREQ on the control stream is answered there.
+        quic.send(Packet::PingReq).await;
+        assert_eq!(quic.recv().await, Packet::PingResp);
+    }
+    quic.disconnect().await;
+    tcp.disconnect().await;
+}
+
 #[test]
 fn quic_client_exchanges_qos_0_1_2_with_a_tcp_client() {
-    run(async {
-        let broker = Broker::start("qos", &[]);
-        let ep = quinn_endpoint();
-        let (mut quic, ack) = QuicMqtt::connect(&ep, &broker, "quic-1", true, 30).await;
-        assert_eq!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
-        assert_eq!(quic.alpn().as_deref(), Some(&b"mqtt"[..]));
-        quic.subscribe(1, "q/#", QoS::ExactlyOnce).await;
+    run(exchange_qos_0_1_2(false));
+}
 
-        let mut tcp = tcp_client(&broker, "tcp-1", true).await;
-        tcp.client
-            .subscribe("t/#", QoS::ExactlyOnce)
+#[test]
+fn multi_stream_client_exchanges_qos_0_1_2_with_a_tcp_client() {
+    run(exchange_qos_0_1_2(true));
+}
+
+/// Head-of-line blocking. A subscriber reads topic B but not topic A while 32 MB of QoS 0
+/// traffic floods A. Multi-stream mode (A and B on their own streams): B's QoS 1 messages keep
+/// arriving while A's stream is stalled by QUIC flow control, and the broker's memory stays
+/// within the stream queue bound. Single-stream mode (the same subscriptions on one stream):
+/// B is stuck behind A — its first message, if any, comes after at least 1000 of A's.
+async fn head_of_line(multi: bool) {
+    const FLOOD: usize = 16_000;
+    let payload = vec![0xA5u8; 2048];
+    let mut args = vec!["--connection-buffer", "1024"];
+    if multi {
+        args.extend(["--quic-multi-stream", "true"]);
+    }
+    let broker = Broker::start(if multi { "hol-multi" } else { "hol-single" }, &args);
+    let ep = quinn_endpoint();
+    let (mut quic, _) = QuicMqtt::connect(&ep, &broker, "hol-sub", true, 60).await;
+    let (mut a, mut b) = if multi {
+        (
+            Some(quic.open_stream().await),
+            Some(quic.open_stream().await),
+        )
+    } else {
+        (None, None)
+    };
+    a.as_mut()
+        .unwrap_or(&mut quic)
+        .subscribe(1, "hol/a", QoS::AtMostOnce)
+        .await;
+    b.as_mut()
+        .unwrap_or(&mut quic)
+        .subscribe(2, "hol/b", QoS::AtLeastOnce)
+        .await;
+    let rss_before = rss_kib(&broker);
+
+    let mut publisher = tcp_client(&broker, "hol-pub", true).await;
+    for _ in 0..FLOOD {
+        publisher
+            .client
+            .publish("hol/a", QoS::AtMostOnce, false, payload.clone())
             .await
-            .expect("subscribe");
-        loop {
-            if let rumqttc::Packet::SubAck(_) = tcp.next().await {
-                break;
-            }
-        }
+            .expect("publish");
+    }
+    // The broker handled the flood once this QoS 1 publish (same connection, later) is acked.
+    publisher
+        .publish_qos1("hol/other", [b"sync".to_vec()])
+        .await;
+    publisher
+        .publish_qos1("hol/b", (0..20u8).map(|i| vec![b'b', i]))
+        .await;
 
-        // TCP -> QUIC, each QoS.
-        for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
-            .into_iter()
-            .enumerate()
-        {
-            tcp.client
-                .publish(format!("q/{i}"), qos, false, format!("to quic {i}"))
-                .await
-                .expect("publish");
-            let p = quic.receive_publish().await;
-            assert_eq!(p.topic, format!("q/{i}"));
-            assert_eq!(p.qos, qos);
-            assert_eq!(&p.payload[..], format!("to quic {i}").as_bytes());
+    if multi {
+        let b = b.as_mut().expect("stream B");
+        for i in 0..20u8 {
+            let p = b.receive_publish().await;
+            assert_eq!(p.topic, "hol/b");
+            assert_eq!(
+                &p.payload[..],
+                &[b'b', i][..],
+                "B keeps flowing while A is stalled"
+            );
         }
+        let grown = rss_kib(&broker).saturating_sub(rss_before);
+        eprintln!("multi-stream: broker RSS grew {grown} KiB with topic A stalled");
+        // Queue bound 1024 x 2 KiB, the stream's 4 MiB send buffer, allocator slack; the flood
+        // itself was 32 MiB.
+        assert!(
+            grown < 20 * 1024,
+            "broker grew by {grown} KiB for a stalled stream"
+        );
+        assert!(quic.connection_alive());
+        drop(a);
+    } else {
+        let mut a_before_b = 0usize;
+        let mut saw_b = false;
+        while let Some(p) = tokio::time::timeout(Duration::from_secs(5), quic.try_recv())
+            .await
+            .ok()
+            .flatten()
+        {
+            match p {
+                Packet::Publish(p) if p.topic == "hol/a" => a_before_b += 1,
+                Packet::Publish(p) if p.topic == "hol/b" => {
+                    saw_b = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        eprintln!("single-stream: {a_before_b} of A's messages before B (B seen: {saw_b})");
+        assert!(
+            !saw_b || a_before_b >= 1000,
+            "single stream: B came after only {a_before_b} of A's messages"
+        );
+    }
+    publisher.disconnect().await;
+}
 
-        // QUIC -> TCP, each QoS with its full handshake.
-        let mut pkid = 10;
-        for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
-            .into_iter()
-            .enumerate()
-        {
-            pkid += 1;
-            let mut p = Publish::new(format!("t/{i}"), qos, format!("to tcp {i}"));
-            if qos != QoS::AtMostOnce {
-                p.pkid = pkid;
-            }
-            quic.send(Packet::Publish(p)).await;
-            match qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => {
-                    assert_eq!(quic.recv().await, Packet::PubAck(PubAck::new(pkid)));
-                }
-                QoS::ExactlyOnce => {
-                    assert_eq!(quic.recv().await, Packet::PubRec(PubRec::new(pkid)));
-                    quic.send(Packet::PubRel(PubRel::new(pkid))).await;
-                    assert_eq!(quic.recv().await, Packet::PubComp(PubComp::new(pkid)));
-                }
-            }
-            let got = tcp.next_publish().await;
-            assert_eq!(got.topic, format!("t/{i}"));
-            assert_eq!(got.qos, qos);
-            assert_eq!(&got.payload[..], format!("to tcp {i}").as_bytes());
+/// Resident memory of the broker process in KiB.
+fn rss_kib(broker: &Broker) -> usize {
+    std::fs::read_to_string(format!("/proc/{}/status", broker.child.id()))
+        .expect("proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn multi_stream_topic_b_flows_while_topic_a_is_stalled() {
+    run(head_of_line(true));
+}
+
+#[test]
+fn single_stream_topic_b_is_stuck_behind_stalled_topic_a() {
+    run(head_of_line(false));
+}
+
+/// Multi-stream mode: a data stream abandoned (STOP_SENDING + RESET_STREAM) with a QoS 1
+/// message delivered but not acknowledged ends only its own flows: the message comes again on
+/// the control stream with DUP set, later messages of that subscription arrive there, and the
+/// connection and its other streams carry on.
+#[test]
+fn multi_stream_reset_data_stream_loses_no_qos1_message() {
+    run(async {
+        let broker = Broker::start("reset", &["--quic-multi-stream", "true"]);
+        let ep = quinn_endpoint();
+        let (mut quic, _) = QuicMqtt::connect(&ep, &broker, "resetter", true, 60).await;
+        let mut doomed = quic.open_stream().await;
+        doomed.subscribe(1, "rs/#", QoS::AtLeastOnce).await;
+        let mut other = quic.open_stream().await;
+        other.subscribe(2, "keep/#", QoS::AtLeastOnce).await;
+        let mut publisher = tcp_client(&broker, "rs-pub", true).await;
+        publisher.publish_qos1("rs/1", [b"first".to_vec()]).await;
+        // Received on its data stream but never acknowledged.
+        match doomed.recv().await {
+            Packet::Publish(p) => assert_eq!(&p.payload[..], b"first"),
+            other => panic!("expected PUBLISH, got {other:?}"),
         }
+        doomed.abandon();
+        let p = quic.receive_publish().await;
+        assert_eq!(
+            &p.payload[..],
+            b"first",
+            "redelivered on the control stream"
+        );
+        assert!(p.dup);
+        publisher.publish_qos1("rs/2", [b"second".to_vec()]).await;
+        assert_eq!(&quic.receive_publish().await.payload[..], b"second");
+        publisher.publish_qos1("keep/x", [b"kept".to_vec()]).await;
+        assert_eq!(&other.receive_publish().await.payload[..], b"kept");
         quic.disconnect().await;
-        tcp.disconnect().await;
+        publisher.disconnect().await;
     });
 }
 

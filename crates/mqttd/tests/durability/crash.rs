@@ -48,6 +48,36 @@ struct Acked {
     q1: HashSet<String>,
     q2: HashSet<String>,
     retained: HashMap<String, String>,
+    /// What the online persistent subscriber of `crash/q1` received during the rounds.
+    online: HashSet<String>,
+}
+
+/// Connects the online persistent subscriber, checks Session Present, and collects what it
+/// receives until its connection dies with the broker.
+async fn online_subscriber(addr: SocketAddr) -> tokio::task::JoinHandle<Vec<String>> {
+    let (client, mut el) = AsyncClient::new(options("sub-on", addr, false), 10);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ev = tokio::time::timeout(WAIT, el.poll())
+            .await
+            .expect("in time")
+            .expect("online subscriber connected");
+        if let Event::Incoming(Packet::ConnAck(a)) = ev {
+            assert!(a.session_present, "sub-on: Session Present after a restart");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no CONNACK");
+    }
+    tokio::spawn(async move {
+        let _client = client;
+        let mut got = Vec::new();
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+        }
+        got
+    })
 }
 
 fn options(id: &str, addr: SocketAddr, clean: bool) -> MqttOptions {
@@ -87,6 +117,7 @@ async fn subscribe_and_leave(addr: SocketAddr, id: &str, filter: &str, qos: QoS)
 /// Publishes from a fresh clean-session client until `kill_after` has passed, then SIGKILLs
 /// the broker and records what was acknowledged before the connection died.
 async fn publish_until_killed(broker: Broker, round: u64, kill_after: Duration, acked: &mut Acked) {
+    let online = online_subscriber(broker.addr).await;
     let (client, mut el) =
         AsyncClient::new(options(&format!("pub-{round}"), broker.addr, true), 64);
     let sent: Arc<Mutex<VecDeque<(Kind, String, String)>>> = Arc::default();
@@ -178,6 +209,11 @@ async fn publish_until_killed(broker: Broker, round: u64, kill_after: Duration, 
         }
     }
     producer.abort();
+    let got = tokio::time::timeout(WAIT, online)
+        .await
+        .expect("the online subscriber ends with the broker")
+        .expect("online subscriber task");
+    acked.online.extend(got);
 }
 
 /// Reconnects a persistent subscriber: asserts Session Present and collects what arrives
@@ -258,6 +294,7 @@ async fn acknowledged_messages_survive_sigkill() {
     let b = Broker::start(&dir.0, &args);
     subscribe_and_leave(b.addr, "sub-q1", "crash/q1", QoS::AtLeastOnce).await;
     subscribe_and_leave(b.addr, "sub-q2", "crash/q2", QoS::ExactlyOnce).await;
+    subscribe_and_leave(b.addr, "sub-on", "crash/q1", QoS::AtLeastOnce).await;
     b.kill();
     let mut kills = 1;
 
@@ -285,6 +322,14 @@ async fn acknowledged_messages_survive_sigkill() {
     let q1 = drain(b.addr, "sub-q1", &acked.q1).await;
     let q2 = drain(b.addr, "sub-q2", &acked.q2).await;
     let kept = retained(b.addr).await;
+    let missing_online: HashSet<String> = acked.q1.difference(&acked.online).cloned().collect();
+    let online_rest = drain(b.addr, "sub-on", &missing_online).await;
+    let online_all: HashSet<&String> = acked.online.iter().chain(online_rest.iter()).collect();
+    let lost_online: Vec<&String> = acked
+        .q1
+        .iter()
+        .filter(|m| !online_all.contains(m))
+        .collect();
 
     let q1_set: HashSet<&String> = q1.iter().collect();
     let lost_q1: Vec<&String> = acked.q1.iter().filter(|m| !q1_set.contains(m)).collect();
@@ -309,12 +354,16 @@ async fn acknowledged_messages_survive_sigkill() {
         .map(|(t, _)| t)
         .collect();
     eprintln!(
-        "delivered after restart: {} QoS 1 ({} duplicates), {} QoS 2; lost: {} QoS 1, {} QoS 2, \
-         {} retained; QoS 2 duplicates: {}; total {:?}",
+        "delivered after restart: {} QoS 1 ({} duplicates), {} QoS 2; online subscriber: {} \
+         during the rounds, {} after; lost: {} QoS 1, {} QoS 1 online, {} QoS 2, {} retained; \
+         QoS 2 duplicates: {}; total {:?}",
         q1.len(),
         q1.len() - q1_set.len(),
         q2.len(),
+        acked.online.len(),
+        online_rest.len(),
         lost_q1.len(),
+        lost_online.len(),
         lost_q2.len(),
         lost_retained.len(),
         dup_q2.len(),
@@ -324,6 +373,11 @@ async fn acknowledged_messages_survive_sigkill() {
         lost_q1.is_empty(),
         "acknowledged QoS 1 lost: {:?}",
         &lost_q1[..lost_q1.len().min(10)]
+    );
+    assert!(
+        lost_online.is_empty(),
+        "acknowledged QoS 1 lost for the online subscriber: {:?}",
+        &lost_online[..lost_online.len().min(10)]
     );
     assert!(
         lost_q2.is_empty(),

@@ -6,6 +6,7 @@
 //! events. This crate must not put I/O or clocks into the core modules.
 
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod message;

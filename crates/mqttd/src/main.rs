@@ -29,6 +29,93 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Publishes a message, like mosquitto_pub, over TCP or MQTT over QUIC (`--quic`).
+    Pub {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Topic to publish to.
+        #[arg(short = 't', long)]
+        topic: String,
+        /// The message (UTF-8 text).
+        #[arg(short = 'm', long, conflicts_with_all = ["file", "null_message"])]
+        message: Option<String>,
+        /// Send the contents of a file as the message.
+        #[arg(short = 'f', long, conflicts_with = "null_message")]
+        file: Option<PathBuf>,
+        /// Send an empty message.
+        #[arg(short = 'n', long)]
+        null_message: bool,
+        /// Quality of service: 0, 1 or 2.
+        #[arg(short = 'q', long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        /// Retain the message.
+        #[arg(short = 'r', long)]
+        retain: bool,
+    },
+    /// Subscribes and prints messages, like mosquitto_sub, over TCP or MQTT over QUIC (`--quic`).
+    Sub {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Topic filter(s) to subscribe to.
+        #[arg(short = 't', long = "topic", required = true)]
+        topics: Vec<String>,
+        /// Maximum QoS: 0, 1 or 2.
+        #[arg(short = 'q', long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        /// Exit after this many messages.
+        #[arg(short = 'C', long)]
+        count: Option<u64>,
+        /// Print "topic payload" instead of the payload alone.
+        #[arg(short = 'v', long)]
+        verbose: bool,
+        /// Exit after this many seconds without a message.
+        #[arg(short = 'W', long)]
+        timeout_secs: Option<u64>,
+    },
+}
+
+/// MQTT protocol version of `pub`/`sub`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MqttVersion {
+    /// MQTT 3.1.1.
+    #[value(name = "311")]
+    V311,
+    /// MQTT 5.0.
+    #[value(name = "5")]
+    V5,
+}
+
+/// Connection flags shared by `pub` and `sub`.
+#[derive(Debug, clap::Args)]
+struct ConnArgs {
+    /// Broker host.
+    #[arg(short = 'H', long, default_value = "localhost")]
+    host: String,
+    /// Broker port [default: 1883, or 14567 with --quic].
+    #[arg(short = 'p', long)]
+    port: Option<u16>,
+    /// MQTT over QUIC (UDP, ALPN "mqtt") instead of TCP.
+    #[arg(long)]
+    quic: bool,
+    /// QUIC: accept any server certificate (encrypted but not authenticated).
+    #[arg(long, conflicts_with = "cafile")]
+    insecure: bool,
+    /// QUIC: trust the certificates in this PEM file (e.g. the broker's generated
+    /// `mqttd-data/quic-cert.pem`) instead of the system roots.
+    #[arg(long)]
+    cafile: Option<PathBuf>,
+    /// Client identifier [default: generated].
+    #[arg(short = 'i', long, default_value = "")]
+    id: String,
+    /// MQTT version.
+    #[arg(long, value_enum, default_value = "311")]
+    protocol_version: MqttVersion,
+    /// Keep alive in seconds.
+    #[arg(short = 'k', long, default_value_t = 60)]
+    keep_alive: u16,
+    /// Keep the session (clean session 0 / clean start 0).
+    #[arg(long)]
+    no_clean: bool,
 }
 
 fn resolve(cli: &Cli) -> Result<Config, mqttd::config::ConfigError> {
@@ -76,8 +163,116 @@ async fn wait_for_signal() {
     }
 }
 
+fn client_options(c: &ConnArgs) -> mqttd::client::ClientOptions {
+    mqttd::client::ClientOptions {
+        host: c.host.clone(),
+        port: c.port,
+        quic: c.quic,
+        insecure: c.insecure,
+        cafile: c.cafile.clone(),
+        client_id: c.id.clone(),
+        version: match c.protocol_version {
+            MqttVersion::V311 => mqttd_codec::ProtocolVersion::V3_1_1,
+            MqttVersion::V5 => mqttd_codec::ProtocolVersion::V5,
+        },
+        keep_alive: c.keep_alive,
+        clean: !c.no_clean,
+    }
+}
+
+fn qos(q: u8) -> mqttd_codec::QoS {
+    mqttd_codec::QoS::from_u8(q).unwrap_or(mqttd_codec::QoS::AtMostOnce)
+}
+
+/// `mqttd pub` and `mqttd sub`: a client run to completion; errors are one line on stderr.
+fn client_command(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        use mqttd::client::{Client, ClientError};
+        match cli.command {
+            Some(Command::Pub {
+                conn,
+                topic,
+                message,
+                file,
+                null_message: _,
+                qos: q,
+                retain,
+            }) => {
+                let payload = match (message, file) {
+                    (Some(m), _) => bytes::Bytes::from(m),
+                    (None, Some(f)) => bytes::Bytes::from(std::fs::read(&f).map_err(|e| {
+                        ClientError::Io(std::io::Error::new(
+                            e.kind(),
+                            format!("{}: {e}", f.display()),
+                        ))
+                    })?),
+                    (None, None) => bytes::Bytes::new(),
+                };
+                let mut client = Client::connect(&client_options(&conn)).await?;
+                client.publish(&topic, payload, qos(q), retain).await?;
+                client.disconnect().await
+            }
+            Some(Command::Sub {
+                conn,
+                topics,
+                qos: q,
+                count,
+                verbose,
+                timeout_secs,
+            }) => {
+                let mut client = Client::connect(&client_options(&conn)).await?;
+                client.subscribe(&topics, qos(q)).await?;
+                let mut received = 0u64;
+                while count.is_none_or(|c| received < c) {
+                    let message = match timeout_secs {
+                        Some(s) => match tokio::time::timeout(
+                            std::time::Duration::from_secs(s),
+                            client.next_message(),
+                        )
+                        .await
+                        {
+                            Ok(m) => m?,
+                            Err(_) => return Err(ClientError::Timeout("a message")),
+                        },
+                        None => client.next_message().await?,
+                    };
+                    received += 1;
+                    let payload = String::from_utf8_lossy(&message.payload);
+                    if verbose {
+                        println!("{} {payload}", message.topic.as_str());
+                    } else {
+                        println!("{payload}");
+                    }
+                }
+                client.disconnect().await
+            }
+            _ => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Pub { .. } | Command::Sub { .. }) = &cli.command {
+        return client_command(cli);
+    }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Settings::load(file).and_then(Settings::resolve) {
             Ok(_) => {

@@ -384,6 +384,7 @@ impl ClientConfig {
             suites: CipherSuite::ALL.to_vec(),
             identity: None,
             early_data: true,
+            verify: true,
             error: None,
         }
     }
@@ -404,10 +405,18 @@ pub struct ClientConfigBuilder {
     suites: Vec<CipherSuite>,
     identity: Option<(Pem, Pem)>,
     early_data: bool,
+    verify: bool,
     error: Option<TlsError>,
 }
 
 impl ClientConfigBuilder {
+    /// Accepts any server certificate, without checking its chain or name (for test setups and
+    /// `mqttd pub --insecure`: the connection is encrypted but the server is not authenticated).
+    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
+        self.verify = !accept;
+        self
+    }
+
     /// Trusts exactly these CA certificates (PEM) instead of the system roots.
     pub fn ca_pem(mut self, pem: &[u8]) -> Self {
         self.roots = Some(pem_from_memory(pem));
@@ -465,7 +474,11 @@ impl ClientConfigBuilder {
             }
             None => b.set_default_verify_paths()?,
         }
-        b.set_verify(SslVerifyMode::PEER);
+        b.set_verify(if self.verify {
+            SslVerifyMode::PEER
+        } else {
+            SslVerifyMode::NONE
+        });
         if let Some((chain, key_pem)) = &self.identity {
             let chain_certs = certs("client certificate chain", chain)?;
             let key = private_key(key_pem)?;

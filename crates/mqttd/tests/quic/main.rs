@@ -691,3 +691,131 @@ fn quic_idle_timeout_defers_to_mqtt_keep_alive() {
         quiet.disconnect().await;
     });
 }
+
+/// Runs `mqttd pub`/`mqttd sub` to completion, bounded by `WAIT`.
+fn cli(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mqttd client");
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// `mqttd pub` and `mqttd sub` over QUIC (trusting the broker's generated certificate with
+/// `--cafile`, or `--insecure`) and TCP, through the broker; without either flag the
+/// self-signed certificate is refused.
+#[test]
+fn cli_pub_and_sub_over_quic_and_tcp() {
+    let broker = Broker::start("cli", &[]);
+    let quic_port = broker.quic.port().to_string();
+    let tcp_port = broker.tcp.port().to_string();
+    let cafile = broker.data_dir.join("quic-cert.pem");
+    let cafile = cafile.to_str().expect("utf-8 path");
+
+    let untrusted = cli(&[
+        "pub",
+        "--quic",
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &quic_port,
+        "-t",
+        "c/r",
+        "-m",
+        "x",
+    ]);
+    assert!(
+        !untrusted.status.success(),
+        "a self-signed certificate must not be trusted by default"
+    );
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+
+    let retained = cli(&[
+        "pub",
+        "--quic",
+        "--insecure",
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &quic_port,
+        "-t",
+        "c/r",
+        "-m",
+        "retained",
+        "-r",
+        "-q",
+        "1",
+    ]);
+    assert!(
+        retained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retained.stderr)
+    );
+
+    // The subscriber gets the retained message at once (so it is subscribed), then a live one.
+    let mut sub = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args([
+            "sub",
+            "--quic",
+            "--cafile",
+            cafile,
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &quic_port,
+        ])
+        .args(["-t", "c/#", "-q", "2", "-C", "2", "-v", "-W", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mqttd sub");
+    let mut lines = BufReader::new(sub.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("read");
+    assert_eq!(first, "c/r retained");
+    let live = cli(&[
+        "pub",
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &tcp_port,
+        "-t",
+        "c/x",
+        "-m",
+        "over tcp",
+        "-q",
+        "2",
+    ]);
+    assert!(
+        live.status.success(),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
+    let second = lines.next().expect("a line").expect("read");
+    assert_eq!(second, "c/x over tcp");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(status) = sub.try_wait().expect("try_wait") {
+            assert!(status.success(), "mqttd sub exits 0 after -C 2");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mqttd sub did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -258,6 +258,8 @@ impl EndpointInner {
     }
 
     /// Handles one received datagram.
+    /// Handles one received datagram. Connections fed a datagram are collected in `touched`
+    /// (their drivers are notified once per receive batch, not per datagram).
     async fn handle(
         self: &Arc<Self>,
         now: Instant,
@@ -265,6 +267,7 @@ impl EndpointInner {
         ecn: proto::Ecn,
         data: &[u8],
         scratch: &mut Vec<u8>,
+        touched: &mut Vec<Arc<ConnInner>>,
     ) {
         let decoded = packet::decode(data, self.cid_len);
         let header = match decoded {
@@ -290,7 +293,13 @@ impl EndpointInner {
             }
             packet::Decoded::Supported(h) => h,
         };
-        let route = {
+        let cached = touched
+            .last()
+            .filter(|c| c.last_dcid.lock().is_ok_and(|d| *d == Some(header.dcid)))
+            .cloned();
+        let route = if cached.is_some() {
+            cached
+        } else {
             let t = self.table();
             match t.routes.get(&header.dcid) {
                 Some(r) => Some(r.conn.clone()),
@@ -310,7 +319,12 @@ impl EndpointInner {
             if handshake_now_done {
                 self.handshake_done(&conn);
             }
-            conn.notify.notify_one();
+            if !touched.iter().any(|c| c.id == conn.id) {
+                if let Ok(mut d) = conn.last_dcid.lock() {
+                    *d = Some(header.dcid);
+                }
+                touched.push(conn);
+            }
             return;
         }
         if header.long {
@@ -509,6 +523,7 @@ async fn recv_loop(inner: Arc<EndpointInner>, socket: Arc<Socket>) {
     let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; buf_len]).collect();
     let mut metas = vec![RecvMeta::default(); batch];
     let mut scratch = Vec::with_capacity(1500);
+    let mut touched: Vec<Arc<ConnInner>> = Vec::new();
     loop {
         if !Arc::ptr_eq(&inner.socket(), &socket) || inner.is_finished() {
             return;
@@ -552,8 +567,20 @@ async fn recv_loop(inner: Arc<EndpointInner>, socket: Arc<Socket>) {
                 .ecn
                 .map_or(proto::Ecn::NotEct, |e| proto::Ecn::from_bits(e as u8));
             let stride = meta.stride.max(1);
-            for seg in buf[..meta.len].chunks(stride) {
-                inner.handle(now, path, ecn, seg, &mut scratch).await;
+            // Wake drivers every few datagrams so ACKs and window updates go out while a long
+            // receive batch is still being processed.
+            for (i, seg) in buf[..meta.len].chunks(stride).enumerate() {
+                inner
+                    .handle(now, path, ecn, seg, &mut scratch, &mut touched)
+                    .await;
+                if i % 16 == 15 {
+                    for conn in touched.drain(..) {
+                        conn.notify.notify_one();
+                    }
+                }
+            }
+            for conn in touched.drain(..) {
+                conn.notify.notify_one();
             }
         }
     }

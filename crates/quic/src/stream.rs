@@ -248,8 +248,11 @@ impl RecvStream {
         }
         match st.proto.stream_read_chunk(self.id, max) {
             Ok(Some(b)) => {
+                let wake = st.note_read(self.id, b.len());
                 drop(st);
-                self.conn.notify.notify_one();
+                if wake {
+                    self.conn.notify.notify_one();
+                }
                 Poll::Ready(Ok(Some(b)))
             }
             Ok(None) => {
@@ -339,9 +342,12 @@ impl AsyncRead for RecvStream {
         let dst = buf.initialize_unfilled();
         match st.proto.stream_read(this.id, dst) {
             Ok(Some(n)) => {
+                let wake = st.note_read(this.id, n);
                 drop(st);
                 buf.advance(n);
-                this.conn.notify.notify_one();
+                if wake {
+                    this.conn.notify.notify_one();
+                }
                 Poll::Ready(Ok(()))
             }
             Ok(None) => {

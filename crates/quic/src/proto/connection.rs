@@ -1591,6 +1591,11 @@ impl Connection {
         }
     }
 
+    /// Bytes received on a stream and not yet read by the application.
+    pub fn stream_recv_buffered(&mut self, id: StreamId) -> usize {
+        self.shared().streams.get(&id.0).map_or(0, |s| s.recv.len)
+    }
+
     /// Whether a stream still exists (opened and not yet fully finished and read).
     pub fn stream_exists(&mut self, id: StreamId) -> bool {
         self.shared().streams.contains_key(&id.0)

@@ -463,6 +463,8 @@ type Results = BTreeMap<(&'static str, BrokerKind), Cell>;
 
 fn broker_matrix(root: &Path, o: &Options) -> Result<()> {
     let started = Instant::now();
+    // mqttd links the QUIC stack: the C libraries come first, as for `cargo xtask run`.
+    crate::build_c(root)?;
     cargo(
         root,
         &[

@@ -1,7 +1,10 @@
 //! What durability costs where it does work: fan-in QoS 1 to one *persistent* subscriber (every
 //! message is stored in its session before the PUBACK), with the broker in this process.
 //!
-//! `cargo run --release -p mqttd --example durable_fanin -- [memory|sync|periodic|none] [SECONDS] [PUBLISHERS]`
+//! `cargo run --release -p mqttd --example durable_fanin -- [memory|sync|periodic|none|PORT] [SECONDS] [PUBLISHERS]`
+//!
+//! A number instead of a mode measures the broker already listening on that loopback port
+//! (mosquitto, for instance) with the same clients.
 //!
 //! Prints acknowledged and delivered messages per second and the delivery latency (p50/p99).
 //! `mqttd-bench` measures clean sessions, for which no storage is involved at all.
@@ -42,8 +45,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Config::default()
     };
     config.limits.max_queued_messages = 1_000_000;
-    let running = mqttd::server::start(config).await?;
-    let port = running.mqtt_addr.port();
+    let external: Option<u16> = mode.parse().ok();
+    let running = match external {
+        Some(_) => None,
+        None => Some(mqttd::server::start(config).await?),
+    };
+    let port = match (&running, external) {
+        (Some(r), _) => r.mqtt_addr.port(),
+        (None, Some(p)) => p,
+        (None, None) => return Err("no broker".into()),
+    };
     let epoch = Instant::now();
 
     let mut o = MqttOptions::new("durable-sub", "127.0.0.1", port);
@@ -132,7 +143,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         q(0.5),
         q(0.99)
     );
-    tokio::time::timeout(Duration::from_secs(10), running.shutdown()).await?;
+    if let Some(running) = running {
+        tokio::time::timeout(Duration::from_secs(10), running.shutdown()).await?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -256,9 +256,14 @@ async fn drain(addr: SocketAddr, id: &str, want: &HashSet<String>) -> Vec<String
 }
 
 async fn retained(addr: SocketAddr) -> HashMap<String, String> {
+    retained_under(addr, "crash/retained/#").await
+}
+
+/// Every retained message under `filter`, topic to payload.
+async fn retained_under(addr: SocketAddr, filter: &str) -> HashMap<String, String> {
     let (client, mut el) = AsyncClient::new(options("retained-check", addr, true), 10);
     client
-        .subscribe("crash/retained/#", QoS::AtLeastOnce)
+        .subscribe(filter, QoS::AtLeastOnce)
         .await
         .expect("subscribe");
     let mut got = HashMap::new();
@@ -394,4 +399,38 @@ async fn acknowledged_messages_survive_sigkill() {
         "acknowledged retained lost: {:?}",
         &lost_retained[..lost_retained.len().min(10)]
     );
+}
+
+/// `durability = "periodic"`: acknowledged at once, on disk within `commit_interval_ms`; a
+/// SIGKILL after that interval loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_durability_commits_within_its_interval() {
+    let dir = TempDir::new("periodic");
+    let args = ["--durability", "periodic", "--commit-interval-ms", "50"];
+    let b = Broker::start(&dir.0, &args);
+    subscribe_and_leave(b.addr, "sub-periodic", "periodic/t", QoS::AtLeastOnce).await;
+    let (client, mut el) = AsyncClient::new(options("pub-periodic", b.addr, true), 10);
+    client
+        .publish("periodic/t", QoS::AtLeastOnce, true, "kept")
+        .await
+        .expect("publish");
+    loop {
+        match tokio::time::timeout(WAIT, el.poll())
+            .await
+            .expect("in time")
+        {
+            Ok(Event::Incoming(Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publisher: {e}"),
+        }
+    }
+    // Several commit intervals, then a crash.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    let b = Broker::start(&dir.0, &args);
+    let want: HashSet<String> = ["kept".to_owned()].into();
+    let got = drain(b.addr, "sub-periodic", &want).await;
+    assert_eq!(got, vec!["kept".to_owned()]);
+    let kept = retained_under(b.addr, "periodic/#").await;
+    assert_eq!(kept.get("periodic/t").map(String::as_str), Some("kept"));
 }

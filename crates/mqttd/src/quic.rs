@@ -330,19 +330,26 @@ async fn serve_quic(
     };
     let (give_back, returned) = oneshot::channel();
     let io = QuicIo {
-        send: Some(send),
-        recv,
+        halves: Some((send, recv)),
         give_back: Some(give_back),
     };
     serve_connection(io, peer, admission.conn, ctx).await;
     drop(admission);
-    // The writer finished the stream (FIN after the last packet, e.g. a DISCONNECT): give the
-    // peer the time to receive it before the connection closes, as a TCP FIN would.
-    if let Ok(Ok(mut send)) = tokio::time::timeout(Duration::from_secs(1), returned).await {
-        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-    }
+    // Keep both halves open while lingering: dropping the receive half now would send
+    // STOP_SENDING, and a stream the peer then resets may be closed before our last packets
+    // (a DISCONNECT, a refusing CONNACK) are delivered.
+    let halves = tokio::time::timeout(Duration::from_secs(1), returned).await;
+    linger(&conn).await;
+    drop(halves);
     refuser.abort();
     conn.close(0, b"");
+}
+
+/// After the broker finished a connection's stream (FIN after its last packet): gives the
+/// peer time to read it and close the connection itself, as a TCP FIN would, before the
+/// broker closes it (CONNECTION_CLOSE drops whatever is not delivered yet).
+async fn linger(conn: &mqttd_quic::Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
 }
 
 /// Multi-stream mode: the control stream and every data stream the client opens, merged into
@@ -360,7 +367,9 @@ async fn serve_multi_stream(
     let (to_core, from_streams) = tokio::sync::mpsc::channel(64);
     let (control_slot, control_writer) = shared.add_stream(send);
     let (connected_tx, connected) = oneshot::channel();
-    tokio::spawn(streams::read_stream(
+    // Its handle keeps the control stream's receive half (returned at its end) open until the
+    // connection closes.
+    let control_reader = tokio::spawn(streams::read_stream(
         shared.clone(),
         control_slot,
         recv,
@@ -396,21 +405,22 @@ async fn serve_multi_stream(
     // The writers finish their streams once drained; give the control stream's last packets
     // (a DISCONNECT) time to arrive before the connection closes.
     let _ = tokio::time::timeout(Duration::from_secs(2), control_writer).await;
+    linger(&conn).await;
+    drop(control_reader);
     conn.close(0, b"");
 }
 
-/// One QUIC bidirectional stream as the byte stream [`serve_connection`] expects. On drop the
-/// send half is handed back so the connection task can wait for its FIN to be acknowledged.
+/// One QUIC bidirectional stream as the byte stream [`serve_connection`] expects. On drop both
+/// halves are handed back so the connection task can keep them open while it lingers.
 struct QuicIo {
-    send: Option<SendStream>,
-    recv: RecvStream,
-    give_back: Option<oneshot::Sender<SendStream>>,
+    halves: Option<(SendStream, RecvStream)>,
+    give_back: Option<oneshot::Sender<(SendStream, RecvStream)>>,
 }
 
 impl Drop for QuicIo {
     fn drop(&mut self) {
-        if let (Some(send), Some(tx)) = (self.send.take(), self.give_back.take()) {
-            let _ = tx.send(send);
+        if let (Some(halves), Some(tx)) = (self.halves.take(), self.give_back.take()) {
+            let _ = tx.send(halves);
         }
     }
 }
@@ -421,7 +431,10 @@ impl AsyncRead for QuicIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().recv).poll_read(cx, buf)
+        match self.get_mut().halves.as_mut() {
+            Some((_, recv)) => Pin::new(recv).poll_read(cx, buf),
+            None => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -431,22 +444,22 @@ impl AsyncWrite for QuicIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut().send.as_mut() {
-            Some(s) => Pin::new(s).poll_write(cx, buf),
+        match self.get_mut().halves.as_mut() {
+            Some((s, _)) => Pin::new(s).poll_write(cx, buf),
             None => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().send.as_mut() {
-            Some(s) => Pin::new(s).poll_flush(cx),
+        match self.get_mut().halves.as_mut() {
+            Some((s, _)) => Pin::new(s).poll_flush(cx),
             None => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().send.as_mut() {
-            Some(s) => Pin::new(s).poll_shutdown(cx),
+        match self.get_mut().halves.as_mut() {
+            Some((s, _)) => Pin::new(s).poll_shutdown(cx),
             None => Poll::Ready(Ok(())),
         }
     }

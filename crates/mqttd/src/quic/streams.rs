@@ -466,21 +466,23 @@ async fn write_stream(shared: Shared, slot: Slot, mut send: SendStream, notify: 
 pub(crate) async fn read_stream(
     shared: Shared,
     slot: Slot,
-    recv: RecvStream,
+    mut recv: RecvStream,
     to_core: mpsc::Sender<Bytes>,
     max_packet: usize,
     mut first: Option<tokio::sync::oneshot::Sender<()>>,
-) {
-    read_packets(&shared, slot, recv, &to_core, max_packet, &mut first).await;
+) -> RecvStream {
+    read_packets(&shared, slot, &mut recv, &to_core, max_packet, &mut first).await;
     if slot == CONTROL {
         let _ = to_core.send(Bytes::new()).await;
     }
+    // Returned, not dropped: dropping it would send STOP_SENDING (see `linger`).
+    recv
 }
 
 async fn read_packets(
     shared: &Shared,
     slot: Slot,
-    mut recv: RecvStream,
+    recv: &mut RecvStream,
     to_core: &mpsc::Sender<Bytes>,
     max_packet: usize,
     first: &mut Option<tokio::sync::oneshot::Sender<()>>,

@@ -194,6 +194,17 @@ impl MqttStream {
         self.try_recv().await.expect("stream open")
     }
 
+    /// Every byte until the broker ends the stream.
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        let rest = tokio::time::timeout(WAIT, self.recv.read_to_end(1 << 20))
+            .await
+            .expect("the stream ends in time")
+            .expect("read");
+        let mut all = self.buf.split().to_vec();
+        all.extend_from_slice(&rest);
+        all
+    }
+
     /// Waits until the broker ends the MQTT stream (or the connection).
     pub async fn expect_closed(&mut self) {
         while let Some(p) = self.try_recv().await {
@@ -246,4 +257,26 @@ impl MqttStream {
         let _ = self.recv.stop(0u32.into());
         let _ = self.send.reset(0u32.into());
     }
+}
+
+/// A bare stream on a fresh quinn connection, for raw bytes (no CONNECT sent).
+pub async fn raw_stream(ep: &quinn::Endpoint, broker: &Broker) -> (MqttStream, quinn::Connection) {
+    let config = quinn_config(&broker.cert_pem(), b"mqtt");
+    let conn = tokio::time::timeout(
+        WAIT,
+        ep.connect_with(config, broker.quic, "localhost")
+            .expect("connect"),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    let (send, recv) = conn.open_bi().await.expect("open stream");
+    (
+        MqttStream {
+            send,
+            recv,
+            buf: BytesMut::new(),
+        },
+        conn,
+    )
 }

@@ -623,6 +623,7 @@ async fn run_core(
     let periodic = broker.is_durable() && config.durability == Durability::Periodic;
     let mut commit_tick = tokio::time::interval(config.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closed = Vec::new();
     loop {
         tokio::select! {
             n = events.recv_many(&mut batch, 256) => {
@@ -631,6 +632,14 @@ async fn run_core(
                 }
                 let now = Instant::now();
                 for ev in batch.drain(..) {
+                    if hold && let Event::Closed { conn } = ev {
+                        // Held packets for this connection (a CONNACK, a DISCONNECT with its
+                        // reason code) still go out after the commit: its writer flushes what it
+                        // was handed once the handle is dropped.
+                        broker.handle_closed(conn, CloseReason::NetworkError, now);
+                        closed.push(conn);
+                        continue;
+                    }
                     handle_event(&mut broker, &mut handles, ev, now);
                     if !hold {
                         dispatch(&mut broker, &mut handles, now);
@@ -639,6 +648,9 @@ async fn run_core(
                 if hold {
                     crate::store_redb::commit(&mut broker);
                     dispatch(&mut broker, &mut handles, now);
+                    for conn in closed.drain(..) {
+                        handles.remove(&conn);
+                    }
                 } else {
                     broker.flush_store();
                 }

@@ -309,7 +309,10 @@ fn start_broker(kind: BrokerKind, bin: &Path, work: &Path, tag: &str) -> Result<
     let mut cmd = Command::new(bin);
     match kind {
         BrokerKind::Mqttd => {
+            // `--storage memory`: the same as mosquitto's `persistence false` and rumqttd.
             cmd.args(["--listen", &format!("127.0.0.1:{port}")]).args([
+                "--storage",
+                "memory",
                 "--http-enabled",
                 "false",
                 "--sys-interval-secs",

@@ -31,12 +31,20 @@ use crate::sources;
 const RUMQTTD_VERSION: &str = "0.20.0";
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const USAGE: &str = "usage: cargo xtask bench broker [--duration-secs N] [--reps N] \
-                     [--brokers mqttd,mosquitto,rumqttd] [--cases ID,...] [--out DIR]";
+                     [--brokers mqttd,mosquitto,rumqttd] [--cases ID,...] [--out DIR]\n       \
+                     cargo xtask bench quic (mqttd-quic against quinn: throughput, handshakes/s, idle memory)";
 
 /// Entry point: `cargo xtask bench ARGS`.
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("broker") => broker_matrix(root, &Options::parse(&args[1..])?),
+        Some("quic") => {
+            crate::build_c(root)?;
+            crate::cargo(
+                root,
+                &["bench", "--package", "mqttd-quic", "--bench", "quic"],
+            )
+        }
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(())

@@ -289,7 +289,7 @@ extern "C" fn ngtcp2_crypto_ctx_tls(
     guard(ptr::null_mut(), || {
         // SAFETY: the TLS native handle of a connection is always a live TlsSession.
         let session = unsafe { &*(tls as *const TlsSession) };
-        match session.negotiated_suite(false) {
+        match session.cipher_suite() {
             Some(suite) => {
                 // SAFETY: writable ctx from the caller.
                 suite.fill(unsafe { &mut *ctx });
@@ -300,23 +300,13 @@ extern "C" fn ngtcp2_crypto_ctx_tls(
     })
 }
 
+/// 0-RTT keys use the resumed session's suite, which OpenSSL reports as the current cipher.
 #[unsafe(no_mangle)]
 extern "C" fn ngtcp2_crypto_ctx_tls_early(
     ctx: *mut ngtcp2_crypto_ctx,
     tls: *mut c_void,
 ) -> *mut ngtcp2_crypto_ctx {
-    guard(ptr::null_mut(), || {
-        // SAFETY: as in ngtcp2_crypto_ctx_tls.
-        let session = unsafe { &*(tls as *const TlsSession) };
-        match session.negotiated_suite(true) {
-            Some(suite) => {
-                // SAFETY: writable ctx from the caller.
-                suite.fill(unsafe { &mut *ctx });
-                ctx
-            }
-            None => ptr::null_mut(),
-        }
-    })
+    ngtcp2_crypto_ctx_tls(ctx, tls)
 }
 
 #[unsafe(no_mangle)]

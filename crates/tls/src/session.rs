@@ -211,10 +211,6 @@ impl TlsSession {
 
     /// The negotiated cipher suite.
     pub fn cipher_suite(&self) -> Option<CipherSuite> {
-        self.negotiated_suite(false)
-    }
-
-    pub(crate) fn negotiated_suite(&self, _early: bool) -> Option<CipherSuite> {
         // For 0-RTT OpenSSL reports the resumed session's cipher here too.
         let cipher = self.ssl.current_cipher()?;
         CipherSuite::from_protocol_id(cipher.protocol_id())

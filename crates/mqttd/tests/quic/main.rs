@@ -52,6 +52,9 @@ impl Broker {
             .args(["--sys-interval-secs", "0", "--data-dir"])
             .arg(&data_dir)
             .args(args)
+            // One malloc arena: the memory tests read RSS, and glibc's per-thread arenas keep
+            // freed memory of transient buffers, which made RSS a noisy proxy for live memory.
+            .env("MALLOC_ARENA_MAX", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -375,6 +375,30 @@ unsafe fn aead_ctx_new(
     ctx
 }
 
+/// Keys a new AEAD context into `aead_ctx` (the body of both `*_init` callbacks).
+///
+/// # Safety
+/// ngtcp2's contract for the `*_init` callbacks: `aead_ctx` is writable, `aead` holds our
+/// handle and `key` has the cipher's key length.
+unsafe fn aead_ctx_init(
+    aead_ctx: *mut ngtcp2_crypto_aead_ctx,
+    aead: *const ngtcp2_crypto_aead,
+    key: *const u8,
+    noncelen: usize,
+    enc: c_int,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: the caller's contract matches aead_ctx_new's.
+        let ctx = unsafe { aead_ctx_new(aead, key, noncelen, enc) };
+        if ctx.is_null() {
+            return -1;
+        }
+        // SAFETY: writable aead_ctx per the contract.
+        unsafe { (*aead_ctx).native_handle = ctx.cast() };
+        0
+    })
+}
+
 #[unsafe(no_mangle)]
 extern "C" fn ngtcp2_crypto_aead_ctx_encrypt_init(
     aead_ctx: *mut ngtcp2_crypto_aead_ctx,
@@ -382,16 +406,8 @@ extern "C" fn ngtcp2_crypto_aead_ctx_encrypt_init(
     key: *const u8,
     noncelen: usize,
 ) -> c_int {
-    guard(-1, || {
-        // SAFETY: ngtcp2's contract for this callback matches aead_ctx_new's.
-        let ctx = unsafe { aead_ctx_new(aead, key, noncelen, 1) };
-        if ctx.is_null() {
-            return -1;
-        }
-        // SAFETY: writable aead_ctx from the caller.
-        unsafe { (*aead_ctx).native_handle = ctx.cast() };
-        0
-    })
+    // SAFETY: ngtcp2 calls this with the contract aead_ctx_init documents.
+    unsafe { aead_ctx_init(aead_ctx, aead, key, noncelen, 1) }
 }
 
 #[unsafe(no_mangle)]
@@ -401,16 +417,8 @@ extern "C" fn ngtcp2_crypto_aead_ctx_decrypt_init(
     key: *const u8,
     noncelen: usize,
 ) -> c_int {
-    guard(-1, || {
-        // SAFETY: as for encrypt_init.
-        let ctx = unsafe { aead_ctx_new(aead, key, noncelen, 0) };
-        if ctx.is_null() {
-            return -1;
-        }
-        // SAFETY: writable aead_ctx from the caller.
-        unsafe { (*aead_ctx).native_handle = ctx.cast() };
-        0
-    })
+    // SAFETY: as for encrypt_init.
+    unsafe { aead_ctx_init(aead_ctx, aead, key, noncelen, 0) }
 }
 
 #[unsafe(no_mangle)]

@@ -126,6 +126,13 @@ pub struct ServerConfig {
     /// between servers behind one address) so clients of a lost connection are reset at once
     /// instead of waiting for their idle timeout; `None` picks a random key per endpoint.
     pub stateless_reset_key: Option<[u8; 32]>,
+    /// Allow clients to migrate actively to a new address (default). `false` sends the
+    /// `disable_active_migration` transport parameter: compliant clients keep their address
+    /// for the life of the connection. The server still follows a client whose address changes
+    /// underneath it (NAT rebinding, validated by ngtcp2 with PATH_CHALLENGE), because that is
+    /// indistinguishable from a client moving without asking; the parameter only tells clients
+    /// not to move on their own.
+    pub migration: bool,
 }
 
 impl ServerConfig {
@@ -140,6 +147,7 @@ impl ServerConfig {
             max_half_open: 1000,
             retry_token_lifetime: Duration::from_secs(10),
             stateless_reset_key: None,
+            migration: true,
         }
     }
 }

@@ -480,6 +480,41 @@ impl Connection {
         self.inner.lock().proto.zero_rtt_accepted()
     }
 
+    /// Whether the TLS handshake has completed. Always true for a connection that came from
+    /// awaiting a [`Connecting`]; false for one taken early with [`Connecting::into_0rtt`]
+    /// until the handshake finishes.
+    pub fn is_handshake_complete(&self) -> bool {
+        self.inner.lock().handshake_done
+    }
+
+    /// Waits until the TLS handshake has completed (at once if it has); an error if the
+    /// connection ended first.
+    pub async fn handshake_complete(&self) -> Result<(), ConnectionError> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.inner.lock();
+            if st.handshake_done {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(e) = &st.error {
+                return Poll::Ready(Err(e.clone()));
+            }
+            if !st.handshake_wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                st.handshake_wakers.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Whether the peer sent the `disable_active_migration` transport parameter (a server with
+    /// migration off); `false` until its transport parameters arrived. [`Endpoint::rebind`]
+    /// does not actively migrate such a connection.
+    ///
+    /// [`Endpoint::rebind`]: crate::Endpoint::rebind
+    pub fn peer_disables_active_migration(&self) -> bool {
+        self.inner.lock().proto.peer_disables_active_migration()
+    }
+
     /// Starts a TLS key update; false if not possible yet (handshake not confirmed, or an
     /// update is in progress).
     pub fn initiate_key_update(&self) -> bool {
@@ -523,18 +558,34 @@ impl Connecting {
         self.inner.as_ref().map(|i| i.lock().proto.path().remote)
     }
 
+    /// Uses the connection before its handshake completes, like quinn's method of that name.
+    ///
     /// Client: if resumption parameters allow 0-RTT, returns the connection at once so streams
-    /// can be used before the handshake completes, and a future telling whether the server
-    /// accepted the early data. Otherwise gives `self` back.
+    /// can be used before the handshake completes (their data travels as 0-RTT), and a future
+    /// telling whether the server accepted the early data. Otherwise gives `self` back.
+    ///
+    /// Server: always succeeds. Streams the client opened in 0-RTT can be accepted and read as
+    /// soon as their packets are decrypted, and what the server writes leaves as 0.5-RTT data
+    /// (1-RTT packets right after its handshake flight, still bound by the anti-amplification
+    /// limit) instead of one round trip later. The future resolves once the handshake completed
+    /// (`true` if the client's 0-RTT was accepted) or failed (`false`).
+    ///
+    /// # Security
+    /// Server side, data read before the handshake completes is 0-RTT data: an attacker who
+    /// recorded a client's first flight can replay it (the replay never completes a handshake,
+    /// but whatever the application did with the early data is done). Act on early data only
+    /// where that is acceptable, and wait for the future (or
+    /// [`Connection::handshake_complete`]) before anything else. The client is not
+    /// authenticated yet either, and its address not validated.
     pub fn into_0rtt(mut self) -> Result<(Connection, ZeroRttAccepted), Connecting> {
         let Some(inner) = self.inner.take() else {
             return Err(self);
         };
-        let zero = {
+        let early = {
             let st = inner.lock();
-            st.proto.is_zero_rtt() && st.proto.side() == proto::Side::Client
+            st.proto.side() == proto::Side::Server || st.proto.is_zero_rtt()
         };
-        if !zero {
+        if !early {
             self.inner = Some(inner);
             return Err(self);
         }
@@ -575,7 +626,8 @@ impl Future for Connecting {
     }
 }
 
-/// Resolves to whether the server accepted 0-RTT data, once the handshake completes.
+/// Resolves to whether 0-RTT data was accepted (client: by the server; server: from the
+/// client), once the handshake completes; `false` if it failed.
 pub struct ZeroRttAccepted {
     inner: Arc<ConnInner>,
 }
@@ -585,11 +637,16 @@ impl Future for ZeroRttAccepted {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
         let mut st = self.inner.lock();
-        if st.zero_rtt_rejected || st.error.is_some() {
+        if st.zero_rtt_rejected {
             return Poll::Ready(false);
         }
+        // Before the error: a handshake that completed tells the truth even if the connection
+        // closed right after it.
         if st.handshake_done {
             return Poll::Ready(st.proto.zero_rtt_accepted());
+        }
+        if st.error.is_some() {
+            return Poll::Ready(false);
         }
         st.zero_rtt_wakers.push(cx.waker().clone());
         Poll::Pending

@@ -752,7 +752,10 @@ impl Endpoint {
     }
 
     /// Client: moves to a new UDP socket bound to `addr` and migrates every connection to it
-    /// (path validation follows).
+    /// (path validation follows). A connection whose server sent `disable_active_migration`
+    /// (or whose handshake is not confirmed yet) is not actively migrated: it keeps its
+    /// connection ID and carries on from the new socket as after a NAT rebinding, which the
+    /// server validates and follows.
     pub fn rebind(&self, addr: SocketAddr) -> io::Result<SocketAddr> {
         let socket = Socket::bind(addr)?;
         let local = socket.local;
@@ -762,9 +765,21 @@ impl Endpoint {
         tokio::spawn(recv_loop(self.inner.clone(), socket));
         let now = Instant::now();
         for c in self.inner.connections() {
-            let ok = c.lock().proto.migrate(now, local);
-            if !ok {
-                tracing::debug!("connection could not migrate");
+            {
+                let mut st = c.lock();
+                // A wildcard socket keeps the IP the connection used (the route to the peer is
+                // the same host's) with the new port, as the receive path reports it.
+                let conn_local = if local.ip().is_unspecified() {
+                    SocketAddr::new(st.proto.path().local.ip(), local.port())
+                } else {
+                    local
+                };
+                if !st.proto.migrate(now, conn_local) {
+                    tracing::debug!(
+                        id = c.id,
+                        "no active migration (peer disabled it, or too early): the connection follows the socket like a NAT rebinding"
+                    );
+                }
             }
             c.notify.notify_one();
         }

@@ -488,6 +488,7 @@ impl Connection {
             None => params.original_dcid = initial.dcid.to_ngtcp2(),
         }
         params.original_dcid_present = 1;
+        params.disable_active_migration = u8::from(!config.migration);
         if let Some(token) = reset_token(&reset_secret, &scid) {
             params.stateless_reset_token = token;
             params.stateless_reset_token_present = 1;
@@ -1672,8 +1673,13 @@ impl Connection {
         rv == 0
     }
 
-    /// Client: moves the connection to a new local address (after rebinding the socket); ngtcp2
-    /// validates the new path.
+    /// Client: moves the connection to a new local address (after rebinding the socket).
+    ///
+    /// Returns `true` for an active migration: a fresh connection ID on the new path, which
+    /// ngtcp2 validates. When that is not allowed (the server sent `disable_active_migration`,
+    /// the handshake is not confirmed yet, or no spare connection ID) the connection still
+    /// follows the socket, exactly as after a NAT rebinding: same connection ID, and the server
+    /// validates the new address itself. Returns `false` then.
     pub fn migrate(&mut self, now: Instant, local: std::net::SocketAddr) -> bool {
         let path = Path {
             local,
@@ -1684,13 +1690,28 @@ impl Connection {
         let rv =
             unsafe { sys::ngtcp2_conn_initiate_migration(self.raw(), owned.as_ptr(), to_ts(now)) };
         self.after_ngtcp2_call(now);
+        self.path = path;
         if rv == 0 {
-            self.path = path;
-            true
-        } else {
-            tracing::debug!(error = %liberr_string(rv), "migration refused");
-            false
+            return true;
         }
+        tracing::debug!(error = %liberr_string(rv), "no active migration: following the socket like a NAT rebinding");
+        // SAFETY: `conn` is live; the path's local address points into `owned`, which outlives
+        // the call (ngtcp2 copies the address into the current path's own storage).
+        unsafe {
+            let p = &*owned.as_ptr();
+            sys::ngtcp2_conn_set_local_addr(self.raw(), &p.local);
+        }
+        false
+    }
+
+    /// Whether the peer sent the `disable_active_migration` transport parameter (`false` until
+    /// its transport parameters arrived).
+    pub fn peer_disables_active_migration(&self) -> bool {
+        // SAFETY: `conn` is live; the returned pointer is null before the peer's parameters
+        // arrived and otherwise valid until the next ngtcp2 call, which `&self` excludes.
+        let params = unsafe { sys::ngtcp2_conn_get_remote_transport_params(self.raw()) };
+        // SAFETY: non-null pointer into the connection (see above).
+        !params.is_null() && unsafe { (*params).disable_active_migration != 0 }
     }
 
     /// The connection IDs this side currently uses for itself (to route incoming packets).

@@ -1081,7 +1081,7 @@ impl<S: Store> Broker<S> {
 
 #[path = "broker_commit.rs"]
 mod commit;
-pub use commit::Restored;
+pub use commit::{InFlightCommit, Restored, committed};
 
 #[cfg(test)]
 #[path = "broker_tests.rs"]

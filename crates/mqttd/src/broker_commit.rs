@@ -1,11 +1,53 @@
 //! Durability of the broker's state: committing the store once per batch of events (group
 //! commit) and, when a commit fails, turning the batch's acknowledgements into failures so that
 //! no client is told that something was stored when it was not.
+//!
+//! Pipelined: [`Broker::start_commit`] hands the changed sessions to the store, whose writer
+//! thread commits them while the driver goes on handling events; the packets produced before
+//! the commit started wait in the returned [`InFlightCommit`], and
+//! [`Broker::complete_commit`] releases them (or their refusals) when the store reports the
+//! result, and starts the next commit with everything that happened meanwhile.
+
+use std::collections::VecDeque;
 
 use mqttd_codec::{ConnAck, Packet, ReasonCode};
 
 use super::{Broker, ConnId, Transmit};
-use crate::store::{Outgoing, Store, StoreError};
+use crate::store::{CommitTicket, Outgoing, Store, StoreError};
+
+/// A commit the store is writing, and the packets that wait for it (acknowledgements among
+/// them). Hand it back to [`Broker::complete_commit`] with the result of
+/// [`InFlightCommit::result`] (or [`InFlightCommit::wait`]).
+#[derive(Debug)]
+pub struct InFlightCommit {
+    ticket: CommitTicket,
+    held: VecDeque<(ConnId, Transmit)>,
+}
+
+impl InFlightCommit {
+    /// Completes when the store has committed (or failed to).
+    pub async fn result(&mut self) -> Result<(), StoreError> {
+        (&mut self.ticket).await
+    }
+
+    /// Blocks until the store has committed (or failed to).
+    pub fn wait(&mut self) -> Result<(), StoreError> {
+        self.ticket.wait()
+    }
+
+    /// Number of packets waiting for this commit.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// Completes when `commit` does; never when there is none (for a `select!` branch).
+pub async fn committed(commit: &mut Option<InFlightCommit>) -> Result<(), StoreError> {
+    match commit {
+        Some(c) => c.result().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// What a broker restored from its store at start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,6 +101,73 @@ impl<S: Store> Broker<S> {
     /// stored") is closed instead of acknowledged. The store keeps the unsaved changes and
     /// retries them at the next commit.
     pub fn commit(&mut self) -> Result<(), StoreError> {
+        let result = match self.save_dirty() {
+            Some(e) => Err(e),
+            None if self.persist => self.store.commit(),
+            None => Ok(()),
+        };
+        if result.is_err() {
+            self.fail_acks();
+        }
+        result
+    }
+
+    /// Starts a commit of every change so far without waiting for it: hands the persistent
+    /// sessions changed since the last call to the store and starts its commit
+    /// ([`Store::start_commit`]). With `hold`, every packet produced so far moves into the
+    /// returned commit, to be released by [`Broker::complete_commit`] (group commit: nothing
+    /// is acknowledged before it is durable); new packets queue behind them.
+    ///
+    /// `None` when there is nothing to wait for: nothing changed, the store keeps nothing, or
+    /// the store finished on the spot (its result applied already: on failure the queued
+    /// acknowledgements became refusals, as with [`Broker::commit`]). The packets are then
+    /// free to go at once.
+    pub fn start_commit(&mut self, hold: bool) -> Option<InFlightCommit> {
+        let changed = !self.dirty.is_empty();
+        let mut ticket = match self.save_dirty() {
+            Some(e) => CommitTicket::ready(Err(e)),
+            None if !self.persist || (!changed && !self.store.has_pending()) => return None,
+            None => self.store.start_commit(),
+        };
+        if let Some(result) = ticket.try_take() {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "commit failed: this batch's acknowledgements were refused");
+                self.fail_acks();
+            }
+            return None;
+        }
+        let held = if hold {
+            std::mem::take(&mut self.transmits)
+        } else {
+            VecDeque::new()
+        };
+        Some(InFlightCommit { ticket, held })
+    }
+
+    /// Completes `commit` with the store's `result`: afterwards [`Broker::poll_transmit`]
+    /// yields the packets it held first (on failure, acknowledgements turned into refusals as
+    /// [`Broker::commit`] describes), then whatever may go without a commit. With `hold`,
+    /// the changes and packets that came after `commit` started go into the returned next
+    /// commit, started here; without, nothing is started (a periodic commit).
+    pub fn complete_commit(
+        &mut self,
+        commit: InFlightCommit,
+        result: Result<(), StoreError>,
+        hold: bool,
+    ) -> Option<InFlightCommit> {
+        let mut released = commit.held;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "commit failed: this batch's acknowledgements were refused");
+            released = self.fail_acks_in(released);
+        }
+        let next = if hold { self.start_commit(true) } else { None };
+        released.append(&mut self.transmits);
+        self.transmits = released;
+        next
+    }
+
+    /// Hands every changed persistent session to the store; the first error, if any.
+    fn save_dirty(&mut self) -> Option<StoreError> {
         let mut failed = None;
         for id in std::mem::take(&mut self.dirty) {
             if let Some(s) = self.sessions.get(&id)
@@ -69,15 +178,7 @@ impl<S: Store> Broker<S> {
                 failed.get_or_insert(e);
             }
         }
-        let result = match failed {
-            Some(e) => Err(e),
-            None if self.persist => self.store.commit(),
-            None => Ok(()),
-        };
-        if result.is_err() {
-            self.fail_acks();
-        }
-        result
+        failed
     }
 
     /// Whether `conn` is the current link of a 5.0 client.
@@ -90,8 +191,16 @@ impl<S: Store> Broker<S> {
     }
 
     fn fail_acks(&mut self) {
-        let mut transmits = std::mem::take(&mut self.transmits);
-        let mut out = std::collections::VecDeque::with_capacity(transmits.len());
+        let transmits = std::mem::take(&mut self.transmits);
+        self.transmits = self.fail_acks_in(transmits);
+    }
+
+    /// `transmits` with every acknowledgement turned into a refusal (or a close).
+    fn fail_acks_in(
+        &mut self,
+        mut transmits: VecDeque<(ConnId, Transmit)>,
+    ) -> VecDeque<(ConnId, Transmit)> {
+        let mut out = VecDeque::with_capacity(transmits.len());
         for (conn, t) in transmits.drain(..) {
             let Transmit::Packet(p) = t else {
                 out.push_back((conn, t));
@@ -119,9 +228,13 @@ impl<S: Store> Broker<S> {
                 }
                 Packet::PubRec(mut r) => {
                     r.reason_code = ReasonCode::UnspecifiedError;
-                    // The flow ends with this PUBREC: the id is free for a new message.
-                    if let Some(s) = self.conns.get(&conn).and_then(|c| self.sessions.get_mut(c)) {
+                    // The flow ends with this PUBREC: the id is free for a new message (and
+                    // the session is saved again without it).
+                    if let Some(client) = self.conns.get(&conn).cloned()
+                        && let Some(s) = self.sessions.get_mut(&client)
+                    {
                         s.state.incoming_qos2.remove(&r.packet_id.get());
+                        self.mark_dirty(&client);
                     }
                     Packet::PubRec(r)
                 }
@@ -143,7 +256,7 @@ impl<S: Store> Broker<S> {
             };
             out.push_back((conn, Transmit::Packet(p)));
         }
-        self.transmits = out;
+        out
     }
 }
 

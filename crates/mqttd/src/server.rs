@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-use crate::broker::{Broker, BrokerOptions, CloseReason, ConnId, Transmit};
+use crate::broker::{Broker, BrokerOptions, CloseReason, ConnId, InFlightCommit, Transmit};
 use crate::config::{Config, Durability, Limits};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -618,12 +618,18 @@ async fn run_core(
     sys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(256);
     // `durability = "sync"`: a batch's packets (its acknowledgements among them) wait for the
-    // one commit that makes the whole batch durable (group commit).
+    // one commit that makes the whole batch durable (group commit). The store's writer thread
+    // commits while this task goes on with the next events, whose packets wait for the next
+    // commit, started as soon as the one in flight completes (pipelined).
     let hold = broker.is_durable() && config.durability == Durability::Sync;
     let periodic = broker.is_durable() && config.durability == Durability::Periodic;
     let mut commit_tick = tokio::time::interval(config.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut committing: Option<InFlightCommit> = None;
+    // Connections closed since the commit in flight started, and before it (their handles go
+    // once their held packets are handed over).
     let mut closed = Vec::new();
+    let mut closed_held = Vec::new();
     loop {
         tokio::select! {
             n = events.recv_many(&mut batch, 256) => {
@@ -646,36 +652,80 @@ async fn run_core(
                     }
                 }
                 if hold {
-                    crate::store_redb::commit(&mut broker);
-                    dispatch(&mut broker, &mut handles, now);
-                    for conn in closed.drain(..) {
-                        handles.remove(&conn);
-                    }
+                    sync_commit(
+                        &mut broker,
+                        &mut handles,
+                        &mut committing,
+                        &mut closed,
+                        &mut closed_held,
+                        now,
+                    );
                 } else {
                     broker.flush_store();
+                }
+            }
+            result = crate::broker::committed(&mut committing) => {
+                if let Some(c) = committing.take() {
+                    committing = broker.complete_commit(c, result, hold);
+                    dispatch(&mut broker, &mut handles, Instant::now());
+                    for conn in closed_held.drain(..) {
+                        handles.remove(&conn);
+                    }
+                    if committing.is_some() {
+                        closed_held.append(&mut closed);
+                    } else {
+                        for conn in closed.drain(..) {
+                            handles.remove(&conn);
+                        }
+                    }
                 }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
                 broker.handle_timeout(now);
                 if hold {
-                    crate::store_redb::commit(&mut broker);
+                    sync_commit(
+                        &mut broker,
+                        &mut handles,
+                        &mut committing,
+                        &mut closed,
+                        &mut closed_held,
+                        now,
+                    );
+                } else {
+                    dispatch(&mut broker, &mut handles, now);
                 }
-                dispatch(&mut broker, &mut handles, now);
             }
-            _ = commit_tick.tick(), if periodic => {
-                crate::store_redb::commit(&mut broker);
+            _ = commit_tick.tick(), if periodic && committing.is_none() => {
+                committing = broker.start_commit(false);
                 dispatch(&mut broker, &mut handles, Instant::now());
             }
             _ = sys.tick(), if config.sys_interval.is_some() => {
                 let now = Instant::now();
                 broker.publish_sys(metrics.sys_topics(), now);
-                dispatch(&mut broker, &mut handles, now);
+                if hold {
+                    sync_commit(
+                        &mut broker,
+                        &mut handles,
+                        &mut committing,
+                        &mut closed,
+                        &mut closed_held,
+                        now,
+                    );
+                } else {
+                    dispatch(&mut broker, &mut handles, now);
+                }
             }
             _ = shutdown.changed() => {
                 tracing::info!(clients = broker.connected(), "shutting down");
                 let now = Instant::now();
                 broker.shutdown(now);
+                // The commit in flight (and those its completion starts) first, in order.
+                while let Some(mut c) = committing.take() {
+                    let result = c.result().await;
+                    committing = broker.complete_commit(c, result, hold);
+                    dispatch(&mut broker, &mut handles, now);
+                }
                 crate::store_redb::commit(&mut broker);
                 dispatch(&mut broker, &mut handles, now);
                 handles.clear();
@@ -729,6 +779,31 @@ fn handle_event(
         Event::Closed { conn } => {
             handles.remove(&conn);
             broker.handle_closed(conn, CloseReason::NetworkError, now);
+        }
+    }
+}
+
+/// `durability = "sync"`: unless a commit is in flight (the packets then wait for the next
+/// one), starts a commit of what the events so far changed; with nothing to commit, hands the
+/// packets over at once.
+fn sync_commit(
+    broker: &mut Broker<Box<dyn Store>>,
+    handles: &mut HashMap<ConnId, Handle>,
+    committing: &mut Option<InFlightCommit>,
+    closed: &mut Vec<ConnId>,
+    closed_held: &mut Vec<ConnId>,
+    now: Instant,
+) {
+    if committing.is_some() {
+        return;
+    }
+    *committing = broker.start_commit(true);
+    if committing.is_some() {
+        closed_held.append(closed);
+    } else {
+        dispatch(broker, handles, now);
+        for conn in closed.drain(..) {
+            handles.remove(&conn);
         }
     }
 }

@@ -15,6 +15,10 @@
 //! [`crate::broker::Broker::new`] restarts session expiry clocks at load anyway.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use mqttd_codec::QoS;
@@ -141,12 +145,133 @@ pub trait Store: Send + 'static {
     fn is_persistent(&self) -> bool {
         true
     }
-    /// Makes every change since the last commit durable, in one transaction (the broker calls
-    /// this once per batch of events and releases that batch's acknowledgements after it
-    /// returns `Ok`). Stores that write through do nothing here.
+    /// Makes every change since the last commit durable, in one transaction, and returns when
+    /// it is (or failed). Stores that write through do nothing here.
     fn commit(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Starts making every change since the last commit durable and returns at once: the
+    /// ticket completes when the commit did. Commits complete in the order they were started,
+    /// and a failed one keeps its changes for the next. The broker calls this once per batch
+    /// of events and releases the batch's acknowledgements when the ticket completes with
+    /// `Ok`, while it goes on with the next batch (pipelined group commit). The default
+    /// commits on the spot.
+    fn start_commit(&mut self) -> CommitTicket {
+        CommitTicket::ready(self.commit())
+    }
+    /// Whether anything was saved or removed since the last commit started: when nothing
+    /// was, there is nothing to wait for. The default says yes.
+    fn has_pending(&self) -> bool {
+        true
+    }
+}
+
+/// The outcome of a commit that may still be running on a store's writer thread: a future
+/// for the async driver, [`CommitTicket::wait`] for blocking callers.
+#[derive(Debug)]
+pub struct CommitTicket(Arc<TicketSlot>);
+
+/// Completes a [`CommitTicket`] (held by the writer). Dropped without [`Completer::complete`]
+/// (the writer died), the ticket completes with an error.
+#[derive(Debug)]
+pub struct Completer(Option<Arc<TicketSlot>>);
+
+#[derive(Debug, Default)]
+struct TicketSlot {
+    state: Mutex<TicketState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct TicketState {
+    result: Option<Result<(), StoreError>>,
+    waker: Option<Waker>,
+}
+
+impl CommitTicket {
+    /// A ticket that already has its result.
+    pub fn ready(result: Result<(), StoreError>) -> CommitTicket {
+        let slot = TicketSlot::default();
+        lock(&slot.state).result = Some(result);
+        CommitTicket(Arc::new(slot))
+    }
+
+    /// A pending ticket and the [`Completer`] that gives it its result.
+    pub fn pending() -> (CommitTicket, Completer) {
+        let slot = Arc::new(TicketSlot::default());
+        (CommitTicket(slot.clone()), Completer(Some(slot)))
+    }
+
+    /// The result, if the commit has finished (taken: a second call returns `None`).
+    pub fn try_take(&mut self) -> Option<Result<(), StoreError>> {
+        lock(&self.0.state).result.take()
+    }
+
+    /// Blocks the calling thread until the commit has finished (the result is taken: call it
+    /// once).
+    pub fn wait(&mut self) -> Result<(), StoreError> {
+        let mut state = lock(&self.0.state);
+        loop {
+            if let Some(r) = state.result.take() {
+                return r;
+            }
+            state = self
+                .0
+                .done
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+impl Future for CommitTicket {
+    type Output = Result<(), StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = lock(&self.0.state);
+        match state.result.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                state.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Completer {
+    /// Gives the ticket its result and wakes whoever waits for it.
+    pub fn complete(mut self, result: Result<(), StoreError>) {
+        if let Some(slot) = self.0.take() {
+            slot.fill(result);
+        }
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            slot.fill(Err(StoreError("the store's writer stopped".into())));
+        }
+    }
+}
+
+impl TicketSlot {
+    fn fill(&self, result: Result<(), StoreError>) {
+        let waker = {
+            let mut state = lock(&self.state);
+            state.result = Some(result);
+            state.waker.take()
+        };
+        self.done.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+fn lock(m: &Mutex<TicketState>) -> std::sync::MutexGuard<'_, TicketState> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl<S: Store + ?Sized> Store for Box<S> {
@@ -173,6 +298,12 @@ impl<S: Store + ?Sized> Store for Box<S> {
     }
     fn commit(&mut self) -> Result<(), StoreError> {
         (**self).commit()
+    }
+    fn start_commit(&mut self) -> CommitTicket {
+        (**self).start_commit()
+    }
+    fn has_pending(&self) -> bool {
+        (**self).has_pending()
     }
 }
 

@@ -5,12 +5,15 @@
 //! session (subscriptions, queued and in-flight messages both ways, packet-id state, a pending
 //! will); table `retained` maps a topic to its encoded retained message.
 //!
-//! Writes are buffered: [`Store::save_session`] and friends only encode the new value into a
-//! pending map (a later save of the same key replaces an earlier one), and [`Store::commit`]
-//! writes everything pending in one redb write transaction. The broker commits once per batch
-//! of events (group commit) and releases the acknowledgements of that batch after the commit
-//! returns, so one fsync covers every message of the batch. A failed commit keeps the pending
-//! writes, so the next commit retries them.
+//! Writes are buffered: [`Store::save_session`] and friends only record the new value (a
+//! snapshot of the session, the retained message) in a pending map (a later save of the same
+//! key replaces an earlier one). [`Store::start_commit`] hands the pending map to the store's
+//! writer thread, which encodes every value and writes them in one redb write transaction
+//! (one fsync) while the caller goes on: the broker's core keeps decoding and routing the next
+//! batch of events while the previous batch is being made durable, and releases a batch's
+//! acknowledgements when its commit completes (pipelined group commit). Commits are written in
+//! the order they were started. A failed commit keeps its changes in the writer, under the
+//! newer ones of the next commit, so the next commit retries them.
 //!
 //! Times: every deadline (`expires_at`, a will's `publish_at`) is stored as wall-clock
 //! milliseconds since the Unix epoch and turned back into an `Instant` at load, so message and
@@ -23,6 +26,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -33,7 +38,8 @@ use crate::broker::Broker;
 use crate::config::{Config, StorageKind};
 use crate::message::{Message, SharedMessage};
 use crate::store::{
-    Delivery, MemoryStore, Outgoing, PendingWill, SessionState, Store, StoreError, Subscription,
+    CommitTicket, Completer, Delivery, MemoryStore, Outgoing, PendingWill, SessionState, Store,
+    StoreError, Subscription,
 };
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -93,21 +99,178 @@ pub enum OpenError {
 
 /// The durable store. See the module documentation.
 pub struct RedbStore {
-    db: Database,
+    db: Arc<Database>,
     file: PathBuf,
-    sessions: HashMap<String, Option<Vec<u8>>>,
-    retained: HashMap<String, Option<Vec<u8>>>,
+    pending: Batch,
     mode: CommitMode,
+    writer: Option<Writer>,
+    /// Commits handed to the writer and not completed, plus one while a failed commit's
+    /// changes wait in the writer for the next one.
+    outstanding: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbStore")
             .field("file", &self.file)
-            .field("pending", &(self.sessions.len() + self.retained.len()))
+            .field(
+                "pending",
+                &(self.pending.sessions.len() + self.pending.retained.len()),
+            )
             .field("mode", &self.mode)
             .finish()
     }
+}
+
+/// A change waiting for a commit, encoded by the writer thread (off the broker's core).
+enum Op {
+    Session(Box<SessionState>),
+    Retained(SharedMessage),
+    Remove,
+}
+
+/// Changes by key; a later change of a key replaces an earlier one.
+#[derive(Default)]
+struct Batch {
+    sessions: HashMap<String, Op>,
+    retained: HashMap<String, Op>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.retained.is_empty()
+    }
+
+    /// Adds `older` changes under these: a key changed in both keeps this batch's change.
+    fn merge_older(&mut self, older: Batch) {
+        for (k, v) in older.sessions {
+            self.sessions.entry(k).or_insert(v);
+        }
+        for (k, v) in older.retained {
+            self.retained.entry(k).or_insert(v);
+        }
+    }
+}
+
+/// A commit for the writer thread.
+struct Job {
+    batch: Batch,
+    mode: CommitMode,
+    done: Completer,
+}
+
+/// The writer thread and its queue.
+struct Writer {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Finish every commit handed over (the queue ends when its sender is gone), so the
+        // database is closed, its lock released, when this returns.
+        if let Some(mut w) = self.writer.take() {
+            drop(w.jobs.take());
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The writer thread: commits every job in order. A failed job's changes are kept and written
+/// with the next job (under its newer changes).
+fn write_loop(db: Arc<Database>, jobs: mpsc::Receiver<Job>, outstanding: Arc<AtomicUsize>) {
+    let mut carried: Option<Batch> = None;
+    while let Ok(job) = jobs.recv() {
+        let mut batch = job.batch;
+        if let Some(old) = carried.take() {
+            batch.merge_older(old);
+            // The carried changes were counted as one outstanding commit.
+            outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+        let result = write_batch(&db, &mut batch, job.mode);
+        if result.is_err() && !batch.is_empty() {
+            carried = Some(batch);
+            outstanding.fetch_add(1, Ordering::AcqRel);
+        }
+        outstanding.fetch_sub(1, Ordering::AcqRel);
+        job.done.complete(result);
+    }
+}
+
+/// Encodes and writes `batch` in one write transaction. Values that cannot be encoded (larger
+/// than the format allows) are logged and dropped from the batch, and fail this commit.
+fn write_batch(db: &Database, batch: &mut Batch, mode: CommitMode) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let clock = Clock::now();
+    let mut unencodable = None;
+    let mut encode = |key: &str, op: &Op| -> Option<Option<Vec<u8>>> {
+        let bytes = match op {
+            Op::Remove => return Some(None),
+            Op::Session(s) => encode_session(s, &clock),
+            Op::Retained(m) => {
+                let mut w = vec![FORMAT];
+                put_message(&mut w, m, &clock).map(|()| w)
+            }
+        };
+        match bytes {
+            Ok(b) => Some(Some(b)),
+            Err(e) => {
+                tracing::error!(key, error = %e, "cannot encode a record; it is not stored");
+                unencodable
+                    .get_or_insert_with(Vec::new)
+                    .push(key.to_owned());
+                None
+            }
+        }
+    };
+    let written = (|| {
+        let mut txn = db.begin_write().map_err(err)?;
+        txn.set_durability(match mode {
+            CommitMode::Immediate => redb::Durability::Immediate,
+            CommitMode::Deferred => redb::Durability::None,
+        });
+        {
+            let mut t = txn.open_table(SESSIONS).map_err(err)?;
+            for (k, op) in &batch.sessions {
+                match encode(k, op) {
+                    Some(Some(b)) => t.insert(k.as_str(), b.as_slice()).map(drop),
+                    Some(None) => t.remove(k.as_str()).map(drop),
+                    None => Ok(()),
+                }
+                .map_err(err)?;
+            }
+            let mut t = txn.open_table(RETAINED).map_err(err)?;
+            for (k, op) in &batch.retained {
+                match encode(k, op) {
+                    Some(Some(b)) => t.insert(k.as_str(), b.as_slice()).map(drop),
+                    Some(None) => t.remove(k.as_str()).map(drop),
+                    None => Ok(()),
+                }
+                .map_err(err)?;
+            }
+        }
+        txn.commit().map_err(err)
+    })();
+    if let Some(keys) = unencodable {
+        for k in &keys {
+            batch.sessions.remove(k);
+            batch.retained.remove(k);
+        }
+        written?;
+        return Err(StoreError(format!(
+            "cannot encode {} record(s), the first `{}`",
+            keys.len(),
+            keys[0]
+        )));
+    }
+    written?;
+    batch.sessions.clear();
+    batch.retained.clear();
+    Ok(())
 }
 
 impl RedbStore {
@@ -145,11 +308,12 @@ impl RedbStore {
             },
         })?;
         Ok(RedbStore {
-            db,
+            db: Arc::new(db),
             file,
-            sessions: HashMap::new(),
-            retained: HashMap::new(),
+            pending: Batch::default(),
             mode,
+            writer: None,
+            outstanding: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -163,38 +327,65 @@ impl RedbStore {
         self.mode = mode;
     }
 
-    /// Writes pending changes in one transaction with the given mode.
+    /// Writes pending changes in one transaction with the given mode and waits for it.
     pub fn commit_with(&mut self, mode: CommitMode) -> Result<(), StoreError> {
-        if self.sessions.is_empty() && self.retained.is_empty() {
-            return Ok(());
+        self.start_commit_with(mode).wait()
+    }
+
+    /// Hands pending changes to the writer thread (started on first use) for one transaction
+    /// with the given mode; the ticket completes when it is written. With nothing pending and
+    /// nothing still being written, the ticket is complete at once.
+    pub fn start_commit_with(&mut self, mode: CommitMode) -> CommitTicket {
+        if !self.has_pending() {
+            return CommitTicket::ready(Ok(()));
         }
-        let mut txn = self.db.begin_write().map_err(err)?;
-        txn.set_durability(match mode {
-            CommitMode::Immediate => redb::Durability::Immediate,
-            CommitMode::Deferred => redb::Durability::None,
-        });
-        {
-            let mut t = txn.open_table(SESSIONS).map_err(err)?;
-            for (k, v) in &self.sessions {
-                match v {
-                    Some(b) => t.insert(k.as_str(), b.as_slice()).map(drop),
-                    None => t.remove(k.as_str()).map(drop),
+        if self.writer.is_none() {
+            let (tx, rx) = mpsc::channel();
+            let db = self.db.clone();
+            let outstanding = self.outstanding.clone();
+            match std::thread::Builder::new()
+                .name("mqttd-store-writer".into())
+                .spawn(move || write_loop(db, rx, outstanding))
+            {
+                Ok(thread) => {
+                    self.writer = Some(Writer {
+                        jobs: Some(tx),
+                        thread: Some(thread),
+                    })
                 }
-                .map_err(err)?;
-            }
-            let mut t = txn.open_table(RETAINED).map_err(err)?;
-            for (k, v) in &self.retained {
-                match v {
-                    Some(b) => t.insert(k.as_str(), b.as_slice()).map(drop),
-                    None => t.remove(k.as_str()).map(drop),
+                Err(e) => {
+                    return CommitTicket::ready(Err(StoreError(format!(
+                        "cannot start the writer thread: {e}"
+                    ))));
                 }
-                .map_err(err)?;
             }
         }
-        txn.commit().map_err(err)?;
-        self.sessions.clear();
-        self.retained.clear();
-        Ok(())
+        let (ticket, done) = CommitTicket::pending();
+        let job = Job {
+            batch: std::mem::take(&mut self.pending),
+            mode,
+            done,
+        };
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let sent = self
+            .writer
+            .as_ref()
+            .and_then(|w| w.jobs.as_ref())
+            .map(|tx| tx.send(job));
+        match sent {
+            Some(Ok(())) => ticket,
+            // The thread is gone (it panicked): the job comes back; keep its changes.
+            Some(Err(mpsc::SendError(job))) => {
+                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                self.pending.merge_older(job.batch);
+                drop(job.done);
+                ticket
+            }
+            None => {
+                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                ticket
+            }
+        }
     }
 
     fn load<T>(
@@ -296,14 +487,18 @@ impl Store for RedbStore {
     }
 
     fn save_session(&mut self, state: &SessionState) -> Result<(), StoreError> {
-        let bytes = encode_session(state, &Clock::now()).map_err(StoreError)?;
-        self.sessions
-            .insert(state.client_id.as_ref().to_owned(), Some(bytes));
+        // A snapshot (messages are shared, not copied); the writer thread encodes it.
+        self.pending.sessions.insert(
+            state.client_id.as_ref().to_owned(),
+            Op::Session(Box::new(state.clone())),
+        );
         Ok(())
     }
 
     fn remove_session(&mut self, client_id: &str) -> Result<(), StoreError> {
-        self.sessions.insert(client_id.to_owned(), None);
+        self.pending
+            .sessions
+            .insert(client_id.to_owned(), Op::Remove);
         Ok(())
     }
 
@@ -318,20 +513,28 @@ impl Store for RedbStore {
     }
 
     fn save_retained(&mut self, message: &SharedMessage) -> Result<(), StoreError> {
-        let mut w = vec![FORMAT];
-        put_message(&mut w, message, &Clock::now()).map_err(StoreError)?;
-        self.retained
-            .insert(message.topic.as_str().to_owned(), Some(w));
+        self.pending.retained.insert(
+            message.topic.as_str().to_owned(),
+            Op::Retained(message.clone()),
+        );
         Ok(())
     }
 
     fn remove_retained(&mut self, topic: &str) -> Result<(), StoreError> {
-        self.retained.insert(topic.to_owned(), None);
+        self.pending.retained.insert(topic.to_owned(), Op::Remove);
         Ok(())
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
         self.commit_with(self.mode)
+    }
+
+    fn start_commit(&mut self) -> CommitTicket {
+        self.start_commit_with(self.mode)
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || self.outstanding.load(Ordering::Acquire) > 0
     }
 }
 

@@ -40,9 +40,10 @@
 //! `tests/`: two sans-IO connections in memory with loss (`proto_memory`), loopback endpoints
 //! (`endpoint`, `features`), interop with quinn 0.11 both ways (`interop_quinn`), hostile input
 //! and anti-amplification (`hostile`), a lossy reordering relay and stateless reset
-//! (`lossy_relay`), server-side early acceptance answering 0-RTT data
-//! one round trip sooner through a delaying relay (`early_data`). `cargo bench -p mqttd-quic --bench quic` compares throughput, handshakes per
-//! second and idle memory with quinn in one run.
+//! (`lossy_relay`), server-side early acceptance answering 0-RTT data one round trip sooner
+//! through a delaying relay (`early_data`), migration off (`migration_off`).
+//! `cargo bench -p mqttd-quic --bench quic` compares throughput, handshakes per second and
+//! idle memory with quinn in one run.
 
 mod addr;
 mod config;

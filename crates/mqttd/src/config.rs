@@ -159,8 +159,10 @@ pub struct Settings {
     /// Bidirectional streams a QUIC client may have open at once [default: 16].
     #[arg(long)]
     pub quic_max_streams: Option<u64>,
-    /// Accept 0-RTT early data (CONNECT in the first flight of a resumed connection). Early
-    /// data can be replayed by an attacker: see the README [default: false].
+    /// Accept 0-RTT early data: a resumed client's CONNECT travels in its first flight and the
+    /// CONNACK comes back one round trip sooner. Only the CONNECT is served from early data
+    /// (the rest waits for the handshake), but early data can be replayed by an attacker: see
+    /// the README [default: false].
     #[arg(long)]
     pub quic_zero_rtt: Option<bool>,
     /// Validate every client address with a QUIC Retry before keeping state (costs one round
@@ -172,6 +174,12 @@ pub struct Settings {
     /// Off: only the first stream is used (single-stream mode) [default: false].
     #[arg(long)]
     pub quic_multi_stream: Option<bool>,
+    /// Allow QUIC clients to migrate to a new address (connection migration). Off: the
+    /// listener sends `disable_active_migration`, so compliant clients do not move on their
+    /// own; a client whose address changes anyway (NAT rebinding) is still validated and
+    /// followed, keeping its MQTT session [default: true].
+    #[arg(long)]
+    pub quic_migration: Option<bool>,
 }
 
 /// The resolved configuration the broker runs with.
@@ -216,12 +224,15 @@ pub struct QuicConfig {
     pub idle_timeout: Duration,
     /// Bidirectional streams a client may have open at once.
     pub max_streams: u64,
-    /// Accept 0-RTT early data.
+    /// Accept 0-RTT early data and serve the CONNECT in it before the handshake completes.
     pub zero_rtt: bool,
     /// Always validate client addresses with a Retry.
     pub retry: bool,
     /// Multi-stream mode (EMQX compatible) instead of single-stream mode.
     pub multi_stream: bool,
+    /// Allow active connection migration (off: `disable_active_migration` is sent; NAT
+    /// rebinding is still followed).
+    pub migration: bool,
 }
 
 impl Default for QuicConfig {
@@ -234,6 +245,7 @@ impl Default for QuicConfig {
             zero_rtt: false,
             retry: false,
             multi_stream: false,
+            migration: true,
         }
     }
 }
@@ -406,7 +418,8 @@ impl Settings {
             quic_max_streams,
             quic_zero_rtt,
             quic_retry,
-            quic_multi_stream
+            quic_multi_stream,
+            quic_migration
         )
     }
 
@@ -491,6 +504,7 @@ impl Settings {
                 zero_rtt: self.quic_zero_rtt.unwrap_or(dq.zero_rtt),
                 retry: self.quic_retry.unwrap_or(dq.retry),
                 multi_stream: self.quic_multi_stream.unwrap_or(dq.multi_stream),
+                migration: self.quic_migration.unwrap_or(dq.migration),
             })
         } else {
             None
@@ -612,5 +626,19 @@ mod tests {
             .expect("valid");
         assert_eq!(c.sys_interval, None);
         assert_eq!(c.http_listen, None);
+    }
+
+    #[test]
+    fn quic_listener_options() {
+        let q = Config::default().quic.expect("QUIC on by default");
+        assert!(
+            q.migration && !q.zero_rtt,
+            "migration on, 0-RTT off by default"
+        );
+        let c = parse("quic_migration = false\nquic_zero_rtt = true\n")
+            .and_then(Settings::resolve)
+            .expect("valid");
+        let q = c.quic.expect("QUIC on");
+        assert!(!q.migration && q.zero_rtt);
     }
 }

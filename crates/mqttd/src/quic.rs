@@ -16,6 +16,28 @@
 //! with no MQTT traffic keeps answering and is never closed early; a client that stops talking
 //! MQTT is closed by the broker's keep-alive check (1.5 x Keep Alive), exactly as over TCP.
 //!
+//! 0-RTT (`quic_zero_rtt`, off by default): the listener issues session tickets that allow
+//! early data and takes each connection before its handshake completes
+//! ([`Connecting::into_0rtt`]), so a resumed client's CONNECT sent as 0-RTT data is served at
+//! once and the CONNACK leaves as 0.5-RTT data right behind the server's handshake flight: the
+//! client has it after one round trip instead of two. ngtcp2 keeps the anti-amplification limit
+//! (at most 3x what the unvalidated client sent) on those packets too. Early data can be
+//! replayed by anyone who recorded the client's first flight, and the TLS layer does not keep
+//! a single-use ticket cache, so a replay is not detected. The replayed handshake never
+//! completes, which bounds what it can do: from early data the broker serves the first packet
+//! (the CONNECT) only; everything after it waits until the handshake completed. A replayed
+//! CONNECT still takes effect: it takes over a session with that client identifier (closing a
+//! live connection with the same ID), `clean_session`/`clean_start` discards stored state, and
+//! a will in it is published when the never-completing connection ends. Enable 0-RTT only when
+//! that is acceptable (e.g. clients without wills on a network where recording and replaying
+//! is not a concern).
+//!
+//! Migration (`quic_migration`, on by default): clients may move to a new address and keep
+//! their connection (ngtcp2 validates the new path). Off, the listener sends the
+//! `disable_active_migration` transport parameter so compliant clients do not move on their
+//! own; a client whose address changes anyway (NAT rebinding, or a client ignoring the
+//! parameter) is still validated and followed, so the MQTT session survives either way.
+//!
 //! Certificates: `quic_cert`/`quic_key` when configured; otherwise a self-signed certificate
 //! (rcgen, names `localhost`, `127.0.0.1`, `::1`) is generated into the data directory on the
 //! first start and reused afterwards. Its SHA-256 fingerprint is logged so clients can pin it.
@@ -213,6 +235,7 @@ fn server_config(
         ..TransportConfig::default()
     });
     server.retry = config.retry;
+    server.migration = config.migration;
     server.max_connections = max_connections;
     Ok(server)
 }
@@ -236,7 +259,7 @@ pub async fn start(
     if generated {
         tracing::info!(cert = %cert_path.display(), sha256 = %fingerprint, "generated a self-signed QUIC certificate");
     }
-    tracing::info!(quic = %local_addr, cert = %cert_path.display(), sha256 = %fingerprint, zero_rtt = config.zero_rtt, retry = config.retry, "MQTT over QUIC listening");
+    tracing::info!(quic = %local_addr, cert = %cert_path.display(), sha256 = %fingerprint, zero_rtt = config.zero_rtt, retry = config.retry, migration = config.migration, "MQTT over QUIC listening");
     let task = tokio::spawn(accept_loop(endpoint, ctx, shutdown, config.clone()));
     Ok(QuicListener {
         local_addr,
@@ -270,7 +293,7 @@ async fn accept_loop(
     // Connection tasks hold endpoint clones: the socket lives until the last one ends.
 }
 
-/// Handshake, admission, the MQTT stream, then a clean close.
+/// Handshake (or early acceptance), the MQTT stream, admission, then a clean close.
 async fn serve_quic(
     connecting: Connecting,
     _endpoint: Endpoint,
@@ -281,23 +304,29 @@ async fn serve_quic(
     let Some(peer) = connecting.remote_address() else {
         return;
     };
-    let conn = tokio::select! {
-        c = connecting => match c {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "QUIC handshake failed");
-                return;
-            }
-        },
-        _ = shutdown.changed() => return,
+    // With 0-RTT on, the connection is taken before its handshake completes, so a CONNECT
+    // sent as early data is read at once and the CONNACK leaves right after the handshake
+    // flight. The connection ends (and the stream with it) if the handshake then fails.
+    let early = if config.zero_rtt {
+        connecting.into_0rtt().map(|(conn, _accepted)| conn)
+    } else {
+        Err(connecting)
     };
-    let Some(admission) = ctx.admit() else {
-        tracing::warn!(%peer, "QUIC connection refused: max_connections reached");
-        conn.close(CONNECTION_REFUSED, b"max_connections");
-        return;
+    let conn = match early {
+        Ok(conn) => conn,
+        Err(connecting) => tokio::select! {
+            c = connecting => match c {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "QUIC handshake failed");
+                    return;
+                }
+            },
+            _ = shutdown.changed() => return,
+        },
     };
     // The first client-initiated bidirectional stream carries MQTT; the client has the
-    // CONNECT timeout to open it.
+    // CONNECT timeout to open it (and, taken early, to finish its handshake).
     let stream = tokio::select! {
         s = tokio::time::timeout(ctx.limits().connect_timeout, conn.accept_bi()) => s,
         _ = shutdown.changed() => return,
@@ -314,8 +343,18 @@ async fn serve_quic(
             return;
         }
     };
+    // Admitted once a stream exists: handshakes that never open one (a flood of Initials)
+    // take no slot from real clients.
+    let Some(admission) = ctx.admit() else {
+        tracing::warn!(%peer, "QUIC connection refused: max_connections reached");
+        conn.close(CONNECTION_REFUSED, b"max_connections");
+        return;
+    };
+    // Early data is served up to the end of the CONNECT only; the rest waits until the
+    // handshake proved the client holds the resumption secret (a replay never gets there).
+    let gate = (!conn.is_handshake_complete()).then(|| conn.clone());
     if config.multi_stream {
-        serve_multi_stream(conn, send, recv, peer, admission, ctx).await;
+        serve_multi_stream(conn, send, recv, peer, admission, ctx, gate).await;
         return;
     }
     // Single-stream mode: any further stream is refused, never left to buffer.
@@ -332,6 +371,7 @@ async fn serve_quic(
     let io = QuicIo {
         halves: Some((send, recv)),
         give_back: Some(give_back),
+        gate: gate.map(EarlyGate::new),
     };
     serve_connection(io, peer, admission.conn, ctx).await;
     drop(admission);
@@ -361,6 +401,7 @@ async fn serve_multi_stream(
     peer: SocketAddr,
     admission: crate::server::Admission,
     ctx: ConnContext,
+    gate: Option<mqttd_quic::Connection>,
 ) {
     let max = ctx.limits().max_packet_size as usize;
     let shared = streams::Shared::new(ctx.limits().connection_buffer, ctx.metrics().clone());
@@ -376,12 +417,14 @@ async fn serve_multi_stream(
         to_core.clone(),
         max,
         Some(connected_tx),
+        gate,
     ));
     let acceptor = {
         let conn = conn.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            // Data streams are read once CONNECT went in: the core must see it first.
+            // Data streams are read once CONNECT went in (and, for an early connection, the
+            // handshake completed): the core must see it first.
             if connected.await.is_err() {
                 return;
             }
@@ -393,6 +436,7 @@ async fn serve_multi_stream(
                     r,
                     to_core.clone(),
                     max,
+                    None,
                     None,
                 ));
             }
@@ -415,6 +459,79 @@ async fn serve_multi_stream(
 struct QuicIo {
     halves: Option<(SendStream, RecvStream)>,
     give_back: Option<oneshot::Sender<(SendStream, RecvStream)>>,
+    /// Before the handshake completed: lets only the first packet (the CONNECT) through.
+    gate: Option<EarlyGate>,
+}
+
+/// What an early connection may read before its handshake completed: the bytes of the first
+/// MQTT packet, found from its fixed header, and nothing after them.
+struct EarlyGate {
+    handshake: Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+    /// The fixed header read so far (type byte and up to four length bytes).
+    header: Vec<u8>,
+    /// Length of the whole first packet, once its header is complete.
+    first_len: Option<usize>,
+    passed: usize,
+}
+
+/// What [`EarlyGate::poll`] allows.
+enum Allowance {
+    /// The handshake completed: no more gating.
+    Open,
+    /// Up to this many bytes of the first packet.
+    Bytes(usize),
+    /// The first packet went through; wait for the handshake.
+    Wait,
+    /// The handshake failed (or the connection ended).
+    Failed,
+}
+
+impl EarlyGate {
+    fn new(conn: mqttd_quic::Connection) -> Self {
+        EarlyGate {
+            handshake: Box::pin(async move { conn.handshake_complete().await.is_ok() }),
+            header: Vec::with_capacity(5),
+            first_len: None,
+            passed: 0,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Allowance {
+        match self.handshake.as_mut().poll(cx) {
+            Poll::Ready(true) => return Allowance::Open,
+            Poll::Ready(false) => return Allowance::Failed,
+            Poll::Pending => {}
+        }
+        match self.first_len {
+            // The header byte by byte, so not one byte past the packet is read.
+            None => Allowance::Bytes(1),
+            Some(len) if self.passed < len => Allowance::Bytes(len - self.passed),
+            Some(_) => Allowance::Wait,
+        }
+    }
+
+    /// Accounts for bytes let through.
+    fn passed(&mut self, bytes: &[u8]) {
+        self.passed += bytes.len();
+        if self.first_len.is_some() {
+            return;
+        }
+        self.header.extend_from_slice(bytes);
+        // Remaining Length: up to four bytes of 7 bits, the high bit meaning "more".
+        let mut remaining = 0usize;
+        for (i, b) in self.header.iter().skip(1).enumerate() {
+            remaining |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                self.first_len = Some(self.header.len() + remaining);
+                return;
+            }
+            if i == 3 {
+                // Malformed: let the core read these bytes and refuse them.
+                self.first_len = Some(self.header.len());
+                return;
+            }
+        }
+    }
 }
 
 impl Drop for QuicIo {
@@ -431,10 +548,29 @@ impl AsyncRead for QuicIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut().halves.as_mut() {
-            Some((_, recv)) => Pin::new(recv).poll_read(cx, buf),
-            None => Poll::Ready(Ok(())),
+        let this = self.get_mut();
+        let Some((_, recv)) = this.halves.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        if let Some(gate) = this.gate.as_mut() {
+            match gate.poll(cx) {
+                Allowance::Open => this.gate = None,
+                Allowance::Wait => return Poll::Pending,
+                Allowance::Failed => {
+                    return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+                }
+                Allowance::Bytes(n) => {
+                    let mut chunk = [0u8; 512];
+                    let n = n.min(buf.remaining()).min(chunk.len());
+                    let mut limited = ReadBuf::new(&mut chunk[..n]);
+                    std::task::ready!(Pin::new(recv).poll_read(cx, &mut limited))?;
+                    gate.passed(limited.filled());
+                    buf.put_slice(limited.filled());
+                    return Poll::Ready(Ok(()));
+                }
+            }
         }
+        Pin::new(recv).poll_read(cx, buf)
     }
 }
 

@@ -462,7 +462,9 @@ async fn write_stream(shared: Shared, slot: Slot, mut send: SendStream, notify: 
 ///
 /// The control stream's reader signals `first` after forwarding the first packet (CONNECT:
 /// data streams are read only after it) and sends an empty chunk at its end (the end of the
-/// connection for the core).
+/// connection for the core). With `gate` (a connection taken before its handshake completed)
+/// it forwards the first packet from 0-RTT data and then waits for the handshake.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn read_stream(
     shared: Shared,
     slot: Slot,
@@ -470,8 +472,12 @@ pub(crate) async fn read_stream(
     to_core: mpsc::Sender<Bytes>,
     max_packet: usize,
     mut first: Option<tokio::sync::oneshot::Sender<()>>,
+    mut gate: Option<mqttd_quic::Connection>,
 ) -> RecvStream {
-    read_packets(&shared, slot, &mut recv, &to_core, max_packet, &mut first).await;
+    read_packets(
+        &shared, slot, &mut recv, &to_core, max_packet, &mut first, &mut gate,
+    )
+    .await;
     if slot == CONTROL {
         let _ = to_core.send(Bytes::new()).await;
     }
@@ -486,6 +492,7 @@ async fn read_packets(
     to_core: &mpsc::Sender<Bytes>,
     max_packet: usize,
     first: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    gate: &mut Option<mqttd_quic::Connection>,
 ) {
     let mut buf = BytesMut::new();
     loop {
@@ -495,6 +502,13 @@ async fn read_packets(
                     let packet = buf.split_to(total).freeze();
                     shared.inspect_inbound(slot, &packet, header);
                     if to_core.send(packet).await.is_err() {
+                        return;
+                    }
+                    // An early connection: the CONNECT went in from 0-RTT data; nothing else
+                    // is served before the handshake completed.
+                    if let Some(conn) = gate.take()
+                        && conn.handshake_complete().await.is_err()
+                    {
                         return;
                     }
                     if let Some(tx) = first.take() {

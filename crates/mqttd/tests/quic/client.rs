@@ -43,6 +43,29 @@ pub fn quinn_config(cert_pem: &[u8], alpn: &[u8]) -> quinn::ClientConfig {
     quinn::ClientConfig::new(Arc::new(crypto))
 }
 
+/// Like [`quinn_config`], with TLS early data enabled: connections made with one clone of it
+/// share rustls' session store, so the second can resume and send 0-RTT data.
+pub fn quinn_config_0rtt(cert_pem: &[u8]) -> quinn::ClientConfig {
+    let mut roots = quinn::rustls::RootCertStore::empty();
+    for block in pem::parse_many(cert_pem).expect("PEM") {
+        roots
+            .add(quinn::rustls::pki_types::CertificateDer::from(
+                block.into_contents(),
+            ))
+            .expect("root");
+    }
+    let provider = Arc::new(quinn::rustls::crypto::ring::default_provider());
+    let mut tls = quinn::rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&quinn::rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"mqtt".to_vec()];
+    tls.enable_early_data = true;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS config");
+    quinn::ClientConfig::new(Arc::new(crypto))
+}
+
 /// One MQTT 3.1.1 session over a quinn connection: its first bidirectional stream (the only
 /// one in single-stream mode, the control stream in multi-stream mode) is `self` through
 /// `Deref`.
@@ -88,6 +111,26 @@ fn encode(p: &Packet, out: &mut BytesMut) {
 }
 
 impl QuicMqtt {
+    /// Wraps a connection and its MQTT stream (nothing sent yet).
+    pub fn new(conn: quinn::Connection, send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        QuicMqtt {
+            conn,
+            control: MqttStream {
+                send,
+                recv,
+                buf: BytesMut::new(),
+            },
+        }
+    }
+
+    /// A CONNECT packet (MQTT 3.1.1).
+    pub fn connect_packet(id: &str, clean: bool, keep_alive: u16) -> Packet {
+        let mut connect = Connect::new(id);
+        connect.clean_session = clean;
+        connect.keep_alive = keep_alive;
+        Packet::Connect(connect)
+    }
+
     /// Connects over QUIC, opens the stream and exchanges CONNECT/CONNACK.
     pub async fn connect(
         ep: &quinn::Endpoint,

@@ -3,6 +3,7 @@
 //! packets) — no mqttd code on the client side — next to rumqttc TCP clients.
 
 mod client;
+mod early;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -644,58 +645,63 @@ fn persistent_session_moves_quic_tcp_quic_with_queued_qos1() {
 #[test]
 fn migration_mid_stream_delivers_every_qos1_message_exactly_once() {
     run(async {
-        const N: u32 = 600;
         let broker = Broker::start("migrate", &[]);
-        let ep = quinn_endpoint();
-        let (mut sub, _) = QuicMqtt::connect(&ep, &broker, "mover", false, 30).await;
-        sub.subscribe(1, "m/#", QoS::AtLeastOnce).await;
-        let mut publisher = tcp_client(&broker, "m-pub", true).await;
-        let pubs = tokio::spawn(async move {
-            for chunk in 0..N / 50 {
-                publisher
-                    .publish_qos1(
-                        "m/x",
-                        (chunk * 50..chunk * 50 + 50).map(|i| i.to_be_bytes().to_vec()),
-                    )
-                    .await;
-            }
-            publisher
-        });
-        let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
-        let before = ep.local_addr().expect("addr");
-        let mut moved_at = None;
-        while seen.len() < N as usize {
-            let p = sub.receive_publish().await;
-            let n = u32::from_be_bytes(p.payload[..4].try_into().expect("4 bytes"));
-            *seen.entry(n).or_default() += 1;
-            if seen.len() == (N / 4) as usize && moved_at.is_none() {
-                let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-                ep.rebind(socket).expect("rebind");
-                moved_at = Some(n);
-            }
-        }
-        assert!(moved_at.is_some());
-        assert_ne!(ep.local_addr().expect("addr"), before, "the client moved");
-        // Nothing more (no duplicates) within a grace period.
-        sub.send(Packet::PingReq).await;
-        assert_eq!(sub.recv().await, Packet::PingResp);
-        assert!(
-            seen.values().all(|&c| c == 1),
-            "duplicates: {:?}",
-            seen.iter().filter(|(_, c)| **c > 1).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            seen.keys().copied().collect::<Vec<_>>(),
-            (0..N).collect::<Vec<_>>()
-        );
-        assert!(
-            sub.connection_alive(),
-            "the same QUIC connection carried on"
-        );
-        let publisher = pubs.await.expect("publisher");
-        sub.disconnect().await;
-        publisher.disconnect().await;
+        migrate_mid_stream(&broker).await;
     });
+}
+
+/// The body of the migration test, also run against a listener with migration off.
+pub async fn migrate_mid_stream(broker: &Broker) {
+    const N: u32 = 600;
+    let ep = quinn_endpoint();
+    let (mut sub, _) = QuicMqtt::connect(&ep, broker, "mover", false, 30).await;
+    sub.subscribe(1, "m/#", QoS::AtLeastOnce).await;
+    let mut publisher = tcp_client(broker, "m-pub", true).await;
+    let pubs = tokio::spawn(async move {
+        for chunk in 0..N / 50 {
+            publisher
+                .publish_qos1(
+                    "m/x",
+                    (chunk * 50..chunk * 50 + 50).map(|i| i.to_be_bytes().to_vec()),
+                )
+                .await;
+        }
+        publisher
+    });
+    let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
+    let before = ep.local_addr().expect("addr");
+    let mut moved_at = None;
+    while seen.len() < N as usize {
+        let p = sub.receive_publish().await;
+        let n = u32::from_be_bytes(p.payload[..4].try_into().expect("4 bytes"));
+        *seen.entry(n).or_default() += 1;
+        if seen.len() == (N / 4) as usize && moved_at.is_none() {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            ep.rebind(socket).expect("rebind");
+            moved_at = Some(n);
+        }
+    }
+    assert!(moved_at.is_some());
+    assert_ne!(ep.local_addr().expect("addr"), before, "the client moved");
+    // Nothing more (no duplicates) within a grace period.
+    sub.send(Packet::PingReq).await;
+    assert_eq!(sub.recv().await, Packet::PingResp);
+    assert!(
+        seen.values().all(|&c| c == 1),
+        "duplicates: {:?}",
+        seen.iter().filter(|(_, c)| **c > 1).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (0..N).collect::<Vec<_>>()
+    );
+    assert!(
+        sub.connection_alive(),
+        "the same QUIC connection carried on"
+    );
+    let publisher = pubs.await.expect("publisher");
+    sub.disconnect().await;
+    publisher.disconnect().await;
 }
 
 /// QUIC idle timeout and MQTT keep alive together: with a 2 s QUIC idle timeout, a client

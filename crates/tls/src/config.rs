@@ -98,13 +98,45 @@ fn suites(list: &[CipherSuite]) -> Result<String, TlsError> {
     Ok(list.iter().map(|s| s.name()).collect::<Vec<_>>().join(":"))
 }
 
-fn base_builder(cipher_suites: &[CipherSuite]) -> Result<SslContextBuilder, TlsError> {
+/// Checks a key-exchange group list and joins it in OpenSSL's `:`-separated syntax.
+fn groups_list(groups: &[String]) -> Result<String, TlsError> {
+    if groups.is_empty() {
+        return Err(TlsError::Config(
+            "at least one key exchange group is needed (or leave groups unset for OpenSSL's default)"
+                .into(),
+        ));
+    }
+    for g in groups {
+        if g.is_empty() || g.contains([':', '\0']) || g.chars().any(char::is_whitespace) {
+            return Err(TlsError::Config(format!(
+                "key exchange group {g:?} is not a group name (one name per entry, no ':' or spaces)"
+            )));
+        }
+    }
+    Ok(groups.join(":"))
+}
+
+fn base_builder(
+    cipher_suites: &[CipherSuite],
+    groups: Option<&[String]>,
+) -> Result<SslContextBuilder, TlsError> {
     crate::init();
     let mut b = SslContextBuilder::new(SslMethod::tls())?;
     // QUIC is TLS 1.3 only (RFC 9001, section 4.2).
     b.set_min_proto_version(Some(SslVersion::TLS1_3))?;
     b.set_max_proto_version(Some(SslVersion::TLS1_3))?;
     b.set_ciphersuites(&suites(cipher_suites)?)?;
+    if let Some(groups) = groups {
+        let list = groups_list(groups)?;
+        // groups_list refused NUL bytes, so set_groups_list cannot panic on them.
+        b.set_groups_list(&list).map_err(|e| {
+            TlsError::Config(format!(
+                "key exchange groups \"{list}\" not accepted by OpenSSL (unknown or unsupported \
+                 name?): {e}"
+            ))
+        })?;
+        b.set_ex_data(groups_index(), format!("[{}]", groups.join(", ")));
+    }
     if let Some(path) = std::env::var_os("SSLKEYLOGFILE").filter(|p| !p.is_empty()) {
         match OpenOptions::new().create(true).append(true).open(&path) {
             Ok(file) => {
@@ -133,6 +165,15 @@ pub(crate) fn alpn_offer_index() -> Index<Ssl, Vec<u8>> {
 pub(crate) fn cache_key_index() -> Index<Ssl, String> {
     static INDEX: OnceLock<Index<Ssl, String>> = OnceLock::new();
     *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL cannot allocate an ex_data index"))
+}
+
+/// Index of the configured key-exchange group list (`[X25519, P-256]`) on an SSL context, for
+/// error messages; absent means OpenSSL's default list.
+pub(crate) fn groups_index() -> Index<SslContext, String> {
+    static INDEX: OnceLock<Index<SslContext, String>> = OnceLock::new();
+    *INDEX.get_or_init(|| {
+        SslContext::new_ex_index().expect("OpenSSL cannot allocate an ex_data index")
+    })
 }
 
 /// The server's ALPN choice: its most preferred protocol that the client offered.
@@ -197,6 +238,7 @@ impl ServerConfig {
             suites: CipherSuite::ALL.to_vec(),
             max_early_data: u32::MAX,
             client_ca: None,
+            groups: None,
             error: None,
         }
     }
@@ -215,6 +257,7 @@ pub struct ServerConfigBuilder {
     suites: Vec<CipherSuite>,
     max_early_data: u32,
     client_ca: Option<Pem>,
+    groups: Option<Vec<String>>,
     error: Option<TlsError>,
 }
 
@@ -268,6 +311,25 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// The key exchange groups (TLS 1.3 `supported_groups`) this side accepts, in preference
+    /// order, by OpenSSL name: `"X25519MLKEM768"` (hybrid post-quantum), `"X25519"`,
+    /// `"SecP256r1MLKEM768"`, `"P-256"`, `"P-384"`, `"P-521"`, `"X448"`, `"ffdhe2048"`, ...
+    ///
+    /// Unset (the default) means OpenSSL 3.5's default list, which prefers the hybrid
+    /// `X25519MLKEM768` (ML-KEM-768 + X25519, resistant to "harvest now, decrypt later"), then
+    /// `X25519`, then the NIST curves; an OpenSSL 3.5 client sends key shares for both
+    /// `X25519MLKEM768` and `X25519` in its first flight. The hybrid costs more per handshake
+    /// (ML-KEM key generation and encapsulation, about 1.2 KB more in each direction, so the
+    /// client's first flight spans two Initial packets) than `X25519` alone, which is what most
+    /// other QUIC stacks (e.g. quinn with rustls) still use by default. `&["X25519"]` trades the
+    /// post-quantum protection for that speed. When the two sides' lists share no group, the
+    /// server refuses the handshake with alert 40 (handshake_failure) and its error names both
+    /// lists. An unknown name fails `build()`.
+    pub fn groups(mut self, groups: &[&str]) -> Self {
+        self.groups = Some(groups.iter().map(|g| (*g).to_owned()).collect());
+        self
+    }
+
     /// 0-RTT: 0 disables early data; any other value enables it (QUIC always advertises
     /// 0xffffffff in the ticket, RFC 9001 section 4.6.1). Default: enabled.
     pub fn max_early_data(mut self, bytes: u32) -> Self {
@@ -299,7 +361,7 @@ impl ServerConfigBuilder {
         let key_pem = self
             .key
             .ok_or_else(|| TlsError::Config("the server needs a private key".into()))?;
-        let mut b = base_builder(&self.suites)?;
+        let mut b = base_builder(&self.suites, self.groups.as_deref())?;
         let chain_certs = certs("certificate chain", &chain)?;
         let key = private_key(&key_pem)?;
         b.set_certificate(&chain_certs[0])?;
@@ -385,6 +447,7 @@ impl ClientConfig {
             identity: None,
             early_data: true,
             verify: true,
+            groups: None,
             error: None,
         }
     }
@@ -406,6 +469,7 @@ pub struct ClientConfigBuilder {
     identity: Option<(Pem, Pem)>,
     early_data: bool,
     verify: bool,
+    groups: Option<Vec<String>>,
     error: Option<TlsError>,
 }
 
@@ -452,6 +516,25 @@ impl ClientConfigBuilder {
         self
     }
 
+    /// The key exchange groups (TLS 1.3 `supported_groups`) this side accepts, in preference
+    /// order, by OpenSSL name: `"X25519MLKEM768"` (hybrid post-quantum), `"X25519"`,
+    /// `"SecP256r1MLKEM768"`, `"P-256"`, `"P-384"`, `"P-521"`, `"X448"`, `"ffdhe2048"`, ...
+    ///
+    /// Unset (the default) means OpenSSL 3.5's default list, which prefers the hybrid
+    /// `X25519MLKEM768` (ML-KEM-768 + X25519, resistant to "harvest now, decrypt later"), then
+    /// `X25519`, then the NIST curves; an OpenSSL 3.5 client sends key shares for both
+    /// `X25519MLKEM768` and `X25519` in its first flight. The hybrid costs more per handshake
+    /// (ML-KEM key generation and encapsulation, about 1.2 KB more in each direction, so the
+    /// client's first flight spans two Initial packets) than `X25519` alone, which is what most
+    /// other QUIC stacks (e.g. quinn with rustls) still use by default. `&["X25519"]` trades the
+    /// post-quantum protection for that speed. When the two sides' lists share no group, the
+    /// server refuses the handshake with alert 40 (handshake_failure) and its error names both
+    /// lists. An unknown name fails `build()`.
+    pub fn groups(mut self, groups: &[&str]) -> Self {
+        self.groups = Some(groups.iter().map(|g| (*g).to_owned()).collect());
+        self
+    }
+
     /// Whether to send 0-RTT data when a ticket allows it (default: yes).
     pub fn enable_early_data(mut self, on: bool) -> Self {
         self.early_data = on;
@@ -463,7 +546,7 @@ impl ClientConfigBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let mut b = base_builder(&self.suites)?;
+        let mut b = base_builder(&self.suites, self.groups.as_deref())?;
         match &self.roots {
             Some(pem) => {
                 let mut store = X509StoreBuilder::new()?;

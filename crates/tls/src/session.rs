@@ -17,7 +17,9 @@ use openssl::x509::X509VerifyResult;
 use openssl_sys as ffi;
 
 use crate::backend::CipherSuite;
-use crate::config::{ClientConfig, ServerConfig, alpn_offer_index, alpn_wire, cache_key_index};
+use crate::config::{
+    ClientConfig, ServerConfig, alpn_offer_index, alpn_wire, cache_key_index, groups_index,
+};
 use crate::error::{TlsError, alert_name};
 use crate::ossl::*;
 
@@ -216,6 +218,49 @@ impl TlsSession {
         CipherSuite::from_protocol_id(cipher.protocol_id())
     }
 
+    /// The negotiated key exchange group, once the handshake got that far, as OpenSSL names it
+    /// (`"X25519MLKEM768"`, `"x25519"`, `"secp256r1"`, ...; compare case-insensitively).
+    pub fn key_exchange_group(&self) -> Option<String> {
+        // SAFETY: plain getter on the live SSL; the result is null or a static NUL-terminated name.
+        let name = unsafe { SSL_get0_group_name(self.ssl.as_ptr()) };
+        if name.is_null() {
+            return None;
+        }
+        // SAFETY: non-null, NUL-terminated, static (OpenSSL's group table).
+        let name = unsafe { std::ffi::CStr::from_ptr(name) };
+        Some(name.to_string_lossy().into_owned())
+    }
+
+    /// On a server, the key exchange groups the client offered (`SSL_get1_groups`), by name.
+    fn offered_groups(&self) -> Vec<String> {
+        let ssl = self.ssl.as_ptr();
+        // SAFETY: SSL_get1_groups with a null list returns the count only.
+        let n = unsafe { ffi::SSL_ctrl(ssl, SSL_CTRL_GET_GROUPS, 0, ptr::null_mut()) };
+        let Ok(n) = usize::try_from(n) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<c_int> = vec![0; n.min(64)];
+        if ids.len() < n {
+            return Vec::new();
+        }
+        // SAFETY: the list has room for the `n` ids OpenSSL just reported.
+        unsafe { ffi::SSL_ctrl(ssl, SSL_CTRL_GET_GROUPS, 0, ids.as_mut_ptr().cast()) };
+        ids.iter()
+            .map(|&id| {
+                // SAFETY: live SSL; the result is null or a static NUL-terminated name.
+                let name = unsafe { SSL_group_to_name(ssl, id) };
+                if name.is_null() {
+                    format!("0x{id:04x}")
+                } else {
+                    // SAFETY: as above.
+                    unsafe { std::ffi::CStr::from_ptr(name) }
+                        .to_string_lossy()
+                        .into_owned()
+                }
+            })
+            .collect()
+    }
+
     /// Whether the session resumed an earlier one (ticket accepted).
     pub fn session_reused(&self) -> bool {
         self.ssl.session_reused()
@@ -310,6 +355,31 @@ impl TlsSession {
                     detail = format!(": no common ALPN protocol (the client offered {offered})");
                 } else if alert == 116 {
                     detail = ": the client sent no certificate and one is required".to_owned();
+                } else if stack.errors().iter().any(|e| {
+                    e.library_code() == ERR_LIB_SSL
+                        && matches!(
+                            e.reason_code(),
+                            SSL_R_NO_SUITABLE_KEY_SHARE | SSL_R_NO_SHARED_GROUPS
+                        )
+                }) {
+                    let ours = self
+                        .ssl
+                        .ssl_context()
+                        .ex_data(groups_index())
+                        .cloned()
+                        .unwrap_or_else(|| "OpenSSL's default".to_owned());
+                    detail = if self.is_server() {
+                        format!(
+                            ": no key exchange group in common with the client (it offered [{}], \
+                             this server accepts {ours}; see the `groups` TLS option)",
+                            self.offered_groups().join(", ")
+                        )
+                    } else {
+                        format!(
+                            ": no key exchange group in common with the server (this client \
+                             offers {ours}; see the `groups` TLS option)"
+                        )
+                    };
                 } else if !stack.errors().is_empty() {
                     detail = format!(": {stack}");
                 }

@@ -265,3 +265,93 @@ fn configuration_errors_name_the_file() {
         .to_string();
     assert!(err.contains("not valid PEM"), "{err}");
 }
+
+/// OpenSSL names groups case-insensitively and reports some in lower case ("x25519").
+fn assert_group(side: &Side, want: &str) {
+    let got = side.tls.key_exchange_group();
+    assert!(
+        got.as_deref().is_some_and(|g| g.eq_ignore_ascii_case(want)),
+        "negotiated {got:?}, expected {want}"
+    );
+}
+
+#[test]
+fn key_exchange_groups_default_hybrid_or_chosen() {
+    let pki = TestPki::new();
+    // Default on both sides: OpenSSL 3.5 negotiates the hybrid post-quantum group.
+    let (client, server, result) = pair(&pki.client_config(MQTT), &pki.server_config(MQTT));
+    result.unwrap();
+    assert_group(&client, "X25519MLKEM768");
+    assert_group(&server, "X25519MLKEM768");
+
+    // A given group on one side (client X25519 only, server default) and on both sides.
+    let x25519_client = ClientConfig::builder()
+        .ca_pem(pki.ca_pem.as_bytes())
+        .alpn(MQTT)
+        .groups(&["X25519"])
+        .build()
+        .unwrap();
+    let x25519_server = ServerConfig::builder()
+        .cert_chain_pem(pki.leaf_pem.as_bytes())
+        .private_key_pem(pki.leaf_key_pem.as_bytes())
+        .alpn(MQTT)
+        .groups(&["X25519"])
+        .build()
+        .unwrap();
+    for server_cfg in [&pki.server_config(MQTT), &x25519_server] {
+        let (client, server, result) = pair(&x25519_client, server_cfg);
+        result.unwrap();
+        assert_group(&client, "X25519");
+        assert_group(&server, "X25519");
+    }
+    // Server prefers P-256 but accepts the client's default offer of X25519MLKEM768 after it:
+    // the client's key share for a group the server accepts wins without a retry.
+    let p256_server = ServerConfig::builder()
+        .cert_chain_pem(pki.leaf_pem.as_bytes())
+        .private_key_pem(pki.leaf_key_pem.as_bytes())
+        .alpn(MQTT)
+        .groups(&["P-256"])
+        .build()
+        .unwrap();
+    let (client, server, result) = pair(&pki.client_config(MQTT), &p256_server);
+    result.unwrap();
+    assert_group(&client, "secp256r1");
+    assert_group(&server, "secp256r1");
+
+    // Disjoint lists: the server refuses with handshake_failure and says why.
+    let (_client, mut server) = failure(&x25519_client, &p256_server, "localhost");
+    assert_eq!(server.tls.alert_sent(), Some(40));
+    let text = server.tls.take_error().unwrap().to_string();
+    assert!(
+        text.contains("alert 40 (handshake_failure)")
+            && text.contains("no key exchange group in common with the client")
+            && text.contains("it offered [x25519]")
+            && text.contains("this server accepts [P-256]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_group_names_fail_the_build() {
+    let pki = TestPki::new();
+    let err = ClientConfig::builder()
+        .ca_pem(pki.ca_pem.as_bytes())
+        .groups(&["X25519", "no-such-group"])
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("X25519:no-such-group") && err.contains("not accepted"),
+        "{err}"
+    );
+    for bad in [&[][..], &["X25519:P-256"][..], &[""][..]] {
+        let err = ServerConfig::builder()
+            .cert_chain_pem(pki.leaf_pem.as_bytes())
+            .private_key_pem(pki.leaf_key_pem.as_bytes())
+            .groups(bad)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key exchange group"), "{bad:?}: {err}");
+    }
+}

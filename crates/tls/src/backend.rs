@@ -619,8 +619,13 @@ extern "C" fn ngtcp2_crypto_encrypt(
         unsafe {
             let tag_len = aead_of(aead).tag_len;
             let ctx = (*aead_ctx).native_handle as *mut ffi::EVP_CIPHER_CTX;
+            let tag = dest.add(plaintextlen);
+            // The tag is read straight into place with one get_params call: cheaper per packet
+            // than EVP_CIPHER_CTX_ctrl(GET_TAG), which builds a parameter array and dispatches
+            // through its control switch first.
+            let mut params = ossl::aead_tag_params(tag.cast(), tag_len);
             let mut len: c_int = 0;
-            let ok = ffi::EVP_EncryptInit_ex(ctx, ptr::null(), ptr::null_mut(), ptr::null(), nonce)
+            let ok = ossl::EVP_EncryptInit_ex2(ctx, ptr::null(), ptr::null(), nonce, ptr::null())
                 == 1
                 && (aadlen == 0
                     || ffi::EVP_EncryptUpdate(
@@ -638,13 +643,8 @@ extern "C" fn ngtcp2_crypto_encrypt(
                         plaintext,
                         plaintextlen as c_int,
                     ) == 1)
-                && ffi::EVP_EncryptFinal_ex(ctx, dest.add(plaintextlen), &mut len) == 1
-                && ffi::EVP_CIPHER_CTX_ctrl(
-                    ctx,
-                    ossl::EVP_CTRL_AEAD_GET_TAG,
-                    tag_len as c_int,
-                    dest.add(plaintextlen).cast(),
-                ) == 1;
+                && ffi::EVP_EncryptFinal_ex(ctx, tag, &mut len) == 1
+                && ossl::EVP_CIPHER_CTX_get_params(ctx, params.as_mut_ptr()) == 1;
             if ok { 0 } else { -1 }
         }
     })
@@ -671,27 +671,26 @@ extern "C" fn ngtcp2_crypto_decrypt(
             }
             let body = ciphertextlen - tag_len;
             let ctx = (*aead_ctx).native_handle as *mut ffi::EVP_CIPHER_CTX;
-            let tag = ciphertext.add(body) as *mut c_void;
+            // The nonce and the expected tag go in with one init call (the tag as an init
+            // parameter, which OpenSSL applies after the IV), not an extra ctrl(SET_TAG). OpenSSL
+            // only reads the tag, so the cast away from const is sound.
+            let params = ossl::aead_tag_params(ciphertext.add(body) as *mut c_void, tag_len);
             let mut len: c_int = 0;
-            let ok = ffi::EVP_DecryptInit_ex(ctx, ptr::null(), ptr::null_mut(), ptr::null(), nonce)
-                == 1
-                && ffi::EVP_CIPHER_CTX_ctrl(
-                    ctx,
-                    ossl::EVP_CTRL_AEAD_SET_TAG,
-                    tag_len as c_int,
-                    tag,
-                ) == 1
-                && (aadlen == 0
-                    || ffi::EVP_DecryptUpdate(
-                        ctx,
-                        ptr::null_mut(),
-                        &mut len,
-                        aad,
-                        aadlen as c_int,
-                    ) == 1)
-                && (body == 0
-                    || ffi::EVP_DecryptUpdate(ctx, dest, &mut len, ciphertext, body as c_int) == 1)
-                && ffi::EVP_DecryptFinal_ex(ctx, dest.add(body), &mut len) == 1;
+            let ok =
+                ossl::EVP_DecryptInit_ex2(ctx, ptr::null(), ptr::null(), nonce, params.as_ptr())
+                    == 1
+                    && (aadlen == 0
+                        || ffi::EVP_DecryptUpdate(
+                            ctx,
+                            ptr::null_mut(),
+                            &mut len,
+                            aad,
+                            aadlen as c_int,
+                        ) == 1)
+                    && (body == 0
+                        || ffi::EVP_DecryptUpdate(ctx, dest, &mut len, ciphertext, body as c_int)
+                            == 1)
+                    && ffi::EVP_DecryptFinal_ex(ctx, dest.add(body), &mut len) == 1;
             if ok { 0 } else { -1 }
         }
     })

@@ -3,7 +3,7 @@
 
 use std::ffi::{c_int, c_uchar, c_void};
 
-use openssl_sys::{EVP_CIPHER, SSL};
+use openssl_sys::{EVP_CIPHER, EVP_CIPHER_CTX, OSSL_PARAM, SSL};
 
 /// `OSSL_DISPATCH` (`core.h`): one function table entry.
 #[repr(C)]
@@ -33,8 +33,12 @@ pub const SSL_EARLY_DATA_ACCEPTED: c_int = 2;
 
 // `evp.h`: AEAD controls (EVP_CTRL_AEAD_* alias the GCM values).
 pub const EVP_CTRL_AEAD_SET_IVLEN: c_int = 0x9;
-pub const EVP_CTRL_AEAD_GET_TAG: c_int = 0x10;
-pub const EVP_CTRL_AEAD_SET_TAG: c_int = 0x11;
+
+// `core.h` / `params.h` / `core_names.h`: an octet-string parameter, the "not yet written"
+// marker of `return_size`, and the AEAD tag parameter's name.
+pub const OSSL_PARAM_OCTET_STRING: u32 = 5;
+pub const OSSL_PARAM_UNMODIFIED: usize = usize::MAX;
+pub const OSSL_CIPHER_PARAM_AEAD_TAG: &std::ffi::CStr = c"tag";
 
 unsafe extern "C" {
     pub fn SSL_set_quic_tls_cbs(s: *mut SSL, qtdis: *const OsslDispatch, arg: *mut c_void)
@@ -48,7 +52,53 @@ unsafe extern "C" {
     pub fn SSL_get_early_data_status(s: *const SSL) -> c_int;
     pub fn EVP_CIPHER_get_key_length(cipher: *const EVP_CIPHER) -> c_int;
     pub fn EVP_CIPHER_get_iv_length(cipher: *const EVP_CIPHER) -> c_int;
+    pub fn EVP_DecryptInit_ex2(
+        ctx: *mut EVP_CIPHER_CTX,
+        cipher: *const EVP_CIPHER,
+        key: *const c_uchar,
+        iv: *const c_uchar,
+        params: *const OSSL_PARAM,
+    ) -> c_int;
+    pub fn EVP_EncryptInit_ex2(
+        ctx: *mut EVP_CIPHER_CTX,
+        cipher: *const EVP_CIPHER,
+        key: *const c_uchar,
+        iv: *const c_uchar,
+        params: *const OSSL_PARAM,
+    ) -> c_int;
+    pub fn SSL_get0_group_name(s: *mut SSL) -> *const std::ffi::c_char;
+    pub fn SSL_group_to_name(s: *mut SSL, id: c_int) -> *const std::ffi::c_char;
+    pub fn EVP_CIPHER_CTX_get_params(ctx: *mut EVP_CIPHER_CTX, params: *mut OSSL_PARAM) -> c_int;
 }
+
+/// An `OSSL_PARAM` array of one AEAD-tag octet string (read or written at `tag`) and the end
+/// marker, as `OSSL_PARAM_construct_octet_string` + `OSSL_PARAM_construct_end` would build it.
+pub fn aead_tag_params(tag: *mut c_void, len: usize) -> [OSSL_PARAM; 2] {
+    [
+        OSSL_PARAM {
+            key: OSSL_CIPHER_PARAM_AEAD_TAG.as_ptr(),
+            data_type: OSSL_PARAM_OCTET_STRING,
+            data: tag,
+            data_size: len,
+            return_size: OSSL_PARAM_UNMODIFIED,
+        },
+        OSSL_PARAM {
+            key: std::ptr::null(),
+            data_type: 0,
+            data: std::ptr::null_mut(),
+            data_size: 0,
+            return_size: 0,
+        },
+    ]
+}
+
+// `ssl.h`: SSL_get1_groups(s, list) is SSL_ctrl(s, SSL_CTRL_GET_GROUPS, 0, list).
+pub const SSL_CTRL_GET_GROUPS: c_int = 90;
+// `err.h`: the SSL library's error code.
+pub const ERR_LIB_SSL: c_int = 20;
+// `sslerr.h`: reasons for "no key exchange group in common".
+pub const SSL_R_NO_SUITABLE_KEY_SHARE: c_int = 101;
+pub const SSL_R_NO_SHARED_GROUPS: c_int = 410;
 
 // `ssl.h`: SSL_OP_BIT(24).
 pub const SSL_OP_NO_ANTI_REPLAY: u64 = 1 << 24;

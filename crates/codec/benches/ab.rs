@@ -8,14 +8,21 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use mqttd_codec::{Packet, PacketId, ProtocolVersion, Publish, QoS, Topic, decode};
 use rumqttc::mqttbytes::v4 as r4;
 use rumqttc::v5::mqttbytes::v5 as r5;
 
 const MAX: usize = 1 << 24;
 const TOPIC: &str = "sensors/building-7/floor-3/temperature";
-const ROUNDS: usize = 201;
+/// Rounds per case (odd, for a median); `AB_ROUNDS` overrides it (e.g. longer runs to profile).
+fn rounds() -> usize {
+    std::env::var("AB_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(201)
+        | 1
+}
 
 fn ours(payload: usize, v5: bool) -> Packet {
     let mut p = Publish::new(
@@ -42,7 +49,8 @@ enum Theirs {
     V5(r5::Publish),
 }
 
-fn theirs(payload: usize, v5: bool) -> Theirs {
+/// The same message for rumqttc, sharing `payload` (so both encoders copy from the same memory).
+fn theirs(payload: Bytes, v5: bool) -> Theirs {
     if v5 {
         Theirs::V5(r5::Publish {
             dup: false,
@@ -50,7 +58,7 @@ fn theirs(payload: usize, v5: bool) -> Theirs {
             retain: false,
             topic: Bytes::from_static(TOPIC.as_bytes()),
             pkid: 4242,
-            payload: Bytes::from(vec![0xA5u8; payload]),
+            payload,
             properties: Some(r5::PublishProperties {
                 user_properties: vec![
                     ("trace-id".into(), "4bf92f3577b34da6".into()),
@@ -60,11 +68,7 @@ fn theirs(payload: usize, v5: bool) -> Theirs {
             }),
         })
     } else {
-        let mut p = r4::Publish::from_bytes(
-            TOPIC,
-            rumqttc::mqttbytes::QoS::AtLeastOnce,
-            Bytes::from(vec![0xA5u8; payload]),
-        );
+        let mut p = r4::Publish::from_bytes(TOPIC, rumqttc::mqttbytes::QoS::AtLeastOnce, payload);
         p.pkid = 4242;
         Theirs::V4(p)
     }
@@ -81,6 +85,16 @@ fn their_decode(buf: &mut BytesMut, v5: bool) {
     }
 }
 
+/// An empty buffer with at least `cap` bytes of capacity, starting on a 64-byte boundary.
+fn aligned(cap: usize) -> BytesMut {
+    let mut b = BytesMut::with_capacity(cap + 64);
+    let skip = b.as_ptr().align_offset(64);
+    b.resize(skip, 0);
+    b.advance(skip);
+    assert_eq!(b.as_ptr().align_offset(64), 0);
+    b
+}
+
 /// Median nanoseconds per call of `a` and `b`, interleaved; `setup` builds each call's input.
 fn ab<I>(
     calls: usize,
@@ -88,8 +102,9 @@ fn ab<I>(
     mut a: impl FnMut(&mut I),
     mut b: impl FnMut(&mut I),
 ) -> (f64, f64) {
+    let rounds = rounds();
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let mut ia: Vec<I> = (0..calls).map(|_| setup()).collect();
         let mut ib: Vec<I> = (0..calls).map(|_| setup()).collect();
         let mut time_a = || {
@@ -112,7 +127,7 @@ fn ab<I>(
     }
     ta.sort_by(f64::total_cmp);
     tb.sort_by(f64::total_cmp);
-    (ta[ROUNDS / 2], tb[ROUNDS / 2])
+    (ta[rounds / 2], tb[rounds / 2])
 }
 
 fn report(name: &str, (ours, theirs): (f64, f64)) {
@@ -126,6 +141,13 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // Optional substring filters on the case names (e.g. `-- decode/ v311`); flags are ignored.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     for (label, v5) in [("v311", false), ("v5_2props", true)] {
         let version = if v5 {
             ProtocolVersion::V5
@@ -136,63 +158,77 @@ fn main() {
             let case = format!("publish_qos1_{size_name}_{label}");
             let packet = ours(size, v5);
             let wire = packet.to_bytes(version).unwrap();
-            let t = theirs(size, v5);
+            let Packet::Publish(p) = &packet else {
+                unreachable!()
+            };
+            let t = theirs(p.payload.clone(), v5);
 
-            report(
-                &format!("decode/{case}"),
-                ab(
-                    1000,
-                    || BytesMut::from(&wire[..]),
-                    |buf| drop(black_box(decode(buf, version, MAX).unwrap())),
-                    |buf| their_decode(buf, v5),
-                ),
-            );
+            if wanted(&format!("decode/{case}")) {
+                report(
+                    &format!("decode/{case}"),
+                    ab(
+                        1000,
+                        || BytesMut::from(&wire[..]),
+                        // Like rumqttc's side: check the packet, drop it inside the timing.
+                        |buf| {
+                            let p = decode(buf, version, MAX);
+                            assert!(matches!(black_box(&p), Ok(Some(Packet::Publish(_)))));
+                        },
+                        |buf| their_decode(buf, v5),
+                    ),
+                );
+            }
 
-            let mut out = BytesMut::with_capacity(2 * wire.len());
-            let mut out2 = BytesMut::with_capacity(2 * wire.len());
-            report(
-                &format!("encode/{case}"),
-                ab(
-                    1000,
-                    || (),
-                    |_| {
-                        out.clear();
-                        packet.encode(version, &mut out).unwrap();
-                        black_box(&out);
-                    },
-                    |_| {
-                        out2.clear();
-                        match &t {
-                            Theirs::V4(p) => p.write(&mut out2).unwrap(),
-                            Theirs::V5(p) => p.write(&mut out2).unwrap(),
-                        };
-                        black_box(&out2);
-                    },
-                ),
-            );
+            // Output buffers at the same alignment: a 4 KiB copy's speed depends on it.
+            let mut out = aligned(2 * wire.len());
+            let mut out2 = aligned(2 * wire.len());
+            if wanted(&format!("encode/{case}")) {
+                report(
+                    &format!("encode/{case}"),
+                    ab(
+                        1000,
+                        || (),
+                        |_| {
+                            out.clear();
+                            packet.encode(version, &mut out).unwrap();
+                            black_box(&out);
+                        },
+                        |_| {
+                            out2.clear();
+                            match &t {
+                                Theirs::V4(p) => p.write(&mut out2).unwrap(),
+                                Theirs::V5(p) => p.write(&mut out2).unwrap(),
+                            };
+                            black_box(&out2);
+                        },
+                    ),
+                );
+            }
 
             let mut stream = BytesMut::new();
             while stream.len() + wire.len() <= 1 << 20 {
                 stream.extend_from_slice(&wire);
             }
             let stream = stream.freeze();
-            report(
-                &format!("stream_1MiB/{case}"),
-                ab(
-                    1,
-                    || BytesMut::from(&stream[..]),
-                    |buf| {
-                        while let Some(p) = decode(buf, version, MAX).unwrap() {
-                            black_box(p);
-                        }
-                    },
-                    |buf| {
-                        while !buf.is_empty() {
-                            their_decode(buf, v5);
-                        }
-                    },
-                ),
-            );
+            if wanted(&format!("stream_1MiB/{case}")) {
+                report(
+                    &format!("stream_1MiB/{case}"),
+                    ab(
+                        1,
+                        || BytesMut::from(&stream[..]),
+                        |buf| {
+                            while let Some(p) = decode(buf, version, MAX).unwrap() {
+                                black_box(p);
+                            }
+                        },
+                        |buf| {
+                            while !buf.is_empty() {
+                                their_decode(buf, v5);
+                            }
+                        },
+                    ),
+                );
+            }
         }
     }
 }

@@ -10,7 +10,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::{Connect, Packet, Publish};
 use crate::protocol::{PacketType, ProtocolVersion};
-use crate::wire::Reader;
 use crate::wire::{VarInt, read_varint};
 
 /// What the fixed header at the start of a buffer says.
@@ -78,23 +77,24 @@ pub fn decode(
         return Ok(None);
     };
     let first = buf[0];
-    let mut body = buf.split_to(len).freeze();
-    body.advance(header);
-    decode_split(first, body, version)
+    decode_split(first, buf.split_to(len).freeze(), header, version)
 }
 
 /// PUBLISH first, on its own small path built in place; everything else through the general
-/// dispatcher, which is kept out of line so the hot path's stack frame stays small.
+/// dispatcher, which is kept out of line so the hot path's stack frame stays small. `frame` is
+/// the whole packet, its fixed header `header` bytes long.
 #[inline(always)]
 fn decode_split(
     first: u8,
-    body: Bytes,
+    mut frame: Bytes,
+    header: usize,
     version: ProtocolVersion,
 ) -> Result<Option<Packet>, DecodeError> {
     if first >> 4 == PacketType::Publish as u8 {
-        Publish::decode_some(first & 0x0F, Reader::new(body), version)
+        Publish::decode_some(first & 0x0F, frame, header, version)
     } else {
-        Packet::decode_body(first, body, version).map(Some)
+        frame.advance(header);
+        Packet::decode_body(first, frame, version).map(Some)
     }
 }
 
@@ -131,9 +131,7 @@ pub fn decode_bytes(
         return Ok(None);
     };
     let first = buf[0];
-    let mut body = buf.split_to(len);
-    body.advance(header);
-    decode_split(first, body, version)
+    decode_split(first, buf.split_to(len), header, version)
 }
 
 /// Decodes the first packet of a connection, which must be a CONNECT, before the protocol

@@ -14,7 +14,7 @@ use crate::protocol::{PacketType, QoS};
 use crate::string::MqttString;
 use crate::topic::Topic;
 use crate::user_properties::{Collector, UserProperties};
-use crate::wire::{Reader, VARINT_MAX, varint_len, write_binary, write_varint};
+use crate::wire::{Cursor, Reader, VARINT_MAX, varint_len, write_binary, write_varint};
 
 /// A property identifier (§2.2.2.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -241,9 +241,10 @@ fn read_each(
     if len > r.remaining() {
         return Err(DecodeError::InvalidPropertyLength);
     }
-    let block = r.take(len)?;
-    let mut p = Reader::new(block.clone());
-    let mut users = Collector::new();
+    // Read the block in place (no handle of its own: no reference-count traffic).
+    let end = r.limit(len);
+    let p = &mut *r;
+    let mut users = Collector::new(len);
     while p.remaining() > 0 {
         let start = p.position();
         let raw = p.varint()?;
@@ -280,13 +281,14 @@ fn read_each(
             UserProperty => {
                 p.skip_string()?;
                 p.skip_string()?;
-                users.add(&block, start, p.position());
+                users.add(p.bytes(), start, p.position());
                 continue;
             }
         };
         f(id, value)?;
     }
-    Ok(users.finish(&block))
+    r.unlimit(end);
+    Ok(users.finish(r.bytes()))
 }
 
 /// Stores `v` in `slot`, rejecting a second occurrence.
@@ -827,6 +829,45 @@ impl PublishProperties {
             write_varint(buf, id as usize);
         }
         w_bin(buf, I::ContentType, &self.content_type);
+    }
+
+    /// As [`PublishProperties::write`], through the PUBLISH encoder's [`Cursor`] (same bytes).
+    #[inline]
+    pub(crate) fn write_to(&self, c: &mut Cursor<'_>, len: usize) {
+        use PropertyId as I;
+        c.varint(len);
+        if len == 0 {
+            return;
+        }
+        if let Some(f) = format_byte(self.payload_format_indicator) {
+            c.u8(I::PayloadFormatIndicator as u8);
+            c.u8(f);
+        }
+        if let Some(v) = self.message_expiry_interval {
+            c.u8(I::MessageExpiryInterval as u8);
+            c.u32(v);
+        }
+        if let Some(v) = self.topic_alias {
+            c.u8(I::TopicAlias as u8);
+            c.u16(v);
+        }
+        if let Some(t) = &self.response_topic {
+            c.u8(I::ResponseTopic as u8);
+            c.binary(t.as_bytes());
+        }
+        if let Some(d) = &self.correlation_data {
+            c.u8(I::CorrelationData as u8);
+            c.binary(d);
+        }
+        c.slice(self.user_properties.wire());
+        for &id in &self.subscription_identifiers {
+            c.u8(I::SubscriptionIdentifier as u8);
+            c.varint(id as usize);
+        }
+        if let Some(t) = &self.content_type {
+            c.u8(I::ContentType as u8);
+            c.binary(t.as_bytes());
+        }
     }
 }
 

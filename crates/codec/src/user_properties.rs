@@ -123,6 +123,12 @@ impl UserProperties {
         self.bytes().len()
     }
 
+    /// The entries in wire form.
+    #[inline]
+    pub(crate) fn wire(&self) -> &[u8] {
+        self.bytes()
+    }
+
     #[inline]
     pub(crate) fn write(&self, buf: &mut BytesMut) {
         if let Some(raw) = &self.raw {
@@ -218,18 +224,23 @@ pub(crate) struct Collector {
     /// Entries copied once they stopped being contiguous.
     spill: Option<BytesMut>,
     count: usize,
+    /// Length of the property block: what a spill may need at most.
+    block_len: usize,
 }
 
 impl Collector {
-    pub(crate) fn new() -> Self {
+    /// A collector for a property block of `block_len` bytes.
+    pub(crate) fn new(block_len: usize) -> Self {
         Self {
             range: None,
             spill: None,
             count: 0,
+            block_len,
         }
     }
 
-    /// Records the validated entry at `start..end` of `block`.
+    /// Records the validated entry at `start..end` of `block` (the packet holding the property
+    /// block; offsets are into it).
     #[inline]
     pub(crate) fn add(&mut self, block: &Bytes, start: usize, end: usize) {
         self.count += 1;
@@ -242,7 +253,7 @@ impl Collector {
             Some((_, e)) if *e == start => *e = end,
             Some((s, e)) => {
                 // Interleaved with other properties: copy (bounded by the block's size).
-                let mut spill = BytesMut::with_capacity(block.len());
+                let mut spill = BytesMut::with_capacity(self.block_len);
                 spill.put_slice(&block[*s..*e]);
                 spill.put_slice(&block[start..end]);
                 self.spill = Some(spill);

@@ -8,8 +8,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
-use crate::string::{MqttString, check_str, check_str_scan};
-use crate::topic::{Topic, TopicError};
+use crate::string::{MqttString, check_str};
 
 /// The largest value a Variable Byte Integer can hold (§1.5.5): 268,435,455.
 pub const VARINT_MAX: u32 = 268_435_455;
@@ -80,28 +79,67 @@ pub(crate) fn write_binary(buf: &mut BytesMut, data: &[u8]) {
 }
 
 /// A cursor over the variable header and payload of one packet.
+///
+/// Invariant: `pos <= end <= buf.len()`; reads stop at `end` (the end of the packet, or of the
+/// property block being read, see [`Reader::limit`]).
 pub(crate) struct Reader {
     buf: Bytes,
     pos: usize,
+    end: usize,
 }
 
 impl Reader {
     /// A reader over `buf`, which holds exactly the bytes after the fixed header.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn new(buf: Bytes) -> Self {
-        Self { buf, pos: 0 }
+        Self::at(buf, 0)
+    }
+
+    /// A reader over `buf` starting at `pos` (e.g. past the fixed header); `pos <= buf.len()`.
+    #[inline(always)]
+    pub(crate) fn at(buf: Bytes, pos: usize) -> Self {
+        debug_assert!(pos <= buf.len());
+        let end = buf.len();
+        Self {
+            buf,
+            pos: pos.min(end),
+            end,
+        }
+    }
+
+    /// Restricts reading to the next `len` bytes (a property block) and returns the previous
+    /// end, for [`Reader::unlimit`]. The caller has checked `len <= remaining()`.
+    #[inline(always)]
+    pub(crate) fn limit(&mut self, len: usize) -> usize {
+        debug_assert!(len <= self.remaining());
+        let old = self.end;
+        self.end = self.pos + len.min(self.remaining());
+        old
+    }
+
+    /// Restores the end saved by [`Reader::limit`] once the block is read.
+    #[inline(always)]
+    pub(crate) fn unlimit(&mut self, end: usize) {
+        debug_assert!(self.pos <= end && end <= self.buf.len());
+        self.end = end.min(self.buf.len()).max(self.pos);
+    }
+
+    /// The packet's bytes (positions are offsets into it).
+    #[inline(always)]
+    pub(crate) fn bytes(&self) -> &Bytes {
+        &self.buf
     }
 
     /// Bytes left to read.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+        self.end - self.pos
     }
 
     /// How many `(length-prefixed string, `extra` bytes)` entries the rest holds, counting a
     /// truncated last one; used to size a `Vec` exactly before parsing (bounded by the packet).
     pub(crate) fn count_entries(&self, extra: usize) -> usize {
-        let rest = &self.buf[self.pos..];
+        let rest = &self.buf[self.pos..self.end];
         let (mut at, mut n) = (0, 0);
         while at < rest.len() {
             n += 1;
@@ -139,7 +177,7 @@ impl Reader {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.remaining() < n {
             Err(DecodeError::UnexpectedEof)
@@ -148,7 +186,7 @@ impl Reader {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         self.need(1)?;
         let v = self.buf[self.pos];
@@ -156,7 +194,7 @@ impl Reader {
         Ok(v)
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         self.need(2)?;
         let v = u16::from_be_bytes([self.buf[self.pos], self.buf[self.pos + 1]]);
@@ -164,7 +202,7 @@ impl Reader {
         Ok(v)
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         self.need(4)?;
         let b = &self.buf[self.pos..self.pos + 4];
@@ -175,7 +213,7 @@ impl Reader {
 
     #[inline]
     pub(crate) fn varint(&mut self) -> Result<u32, DecodeError> {
-        match read_varint(&self.buf[self.pos..])? {
+        match read_varint(&self.buf[self.pos..self.end])? {
             VarInt::Value(v, n) => {
                 self.pos += n;
                 Ok(v)
@@ -185,7 +223,7 @@ impl Reader {
     }
 
     /// `n` raw bytes as a slice of the packet.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
         self.need(n)?;
         let v = self.buf.slice(self.pos..self.pos + n);
@@ -194,12 +232,14 @@ impl Reader {
     }
 
     /// Everything that is left (a PUBLISH or will payload).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn rest(&mut self) -> Bytes {
         // Hand over the packet's own handle instead of slicing it: no reference-count traffic.
+        debug_assert_eq!(self.end, self.buf.len(), "rest() inside a limited block");
         let mut v = std::mem::take(&mut self.buf);
         v.advance(self.pos);
         self.pos = 0;
+        self.end = 0;
         v
     }
 
@@ -210,28 +250,94 @@ impl Reader {
         self.take(len)
     }
 
-    /// A Topic Name (§4.7) validated in a single pass; empty only if `allow_empty`.
-    #[inline]
-    pub(crate) fn topic(&mut self, allow_empty: bool) -> Result<Topic, DecodeError> {
-        let len = usize::from(self.u16()?);
-        self.need(len)?;
-        let scan = check_str_scan(&self.buf[self.pos..self.pos + len])?;
-        if scan.has_wildcard {
-            return Err(DecodeError::InvalidTopicName(
-                TopicError::WildcardInTopicName,
-            ));
-        }
-        if len == 0 && !allow_empty {
-            return Err(DecodeError::InvalidTopicName(TopicError::Empty));
-        }
-        let bytes = self.take(len)?;
-        Ok(Topic::from_checked(MqttString::from_checked(bytes)))
-    }
-
     /// A UTF-8 Encoded String (§1.5.4), validated.
     #[inline]
     pub(crate) fn string(&mut self) -> Result<MqttString, DecodeError> {
         let bytes = self.binary()?;
         MqttString::from_bytes(bytes)
+    }
+}
+
+/// Reserves `len` bytes at the end of `buf`, lets `f` write them through a [`Cursor`] and
+/// appends what it wrote. The encoders compute the exact length first, so this is one
+/// reservation and one length update per packet instead of a capacity check, a copy and a
+/// length update per `put`.
+#[inline(always)]
+pub(crate) fn write_reserved(buf: &mut BytesMut, len: usize, f: impl FnOnce(&mut Cursor<'_>)) {
+    buf.reserve(len);
+    let mut c = Cursor {
+        dst: &mut buf.spare_capacity_mut()[..len],
+        pos: 0,
+    };
+    f(&mut c);
+    let n = c.pos;
+    debug_assert_eq!(n, len, "encoded length differs from the computed length");
+    // SAFETY: the cursor initialised `dst[..n]`, the first `n` bytes of the spare capacity (its
+    // invariant), and `n <= len <= ` the spare capacity, so the new length covers only
+    // initialised bytes within the allocation.
+    unsafe { buf.set_len(buf.len() + n) };
+}
+
+/// A writer over reserved capacity; every write is bounds-checked against the reservation
+/// (overrunning it panics: an encoder length bug, never input-driven).
+///
+/// Invariant: `dst[..pos]` has been initialised by the cursor's writes.
+pub(crate) struct Cursor<'a> {
+    dst: &'a mut [std::mem::MaybeUninit<u8>],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    /// Copies `src` (panics past the reservation: an encoder length bug, never input-driven).
+    #[inline(always)]
+    pub(crate) fn slice(&mut self, src: &[u8]) {
+        let end = self.pos + src.len();
+        self.dst[self.pos..end].write_copy_of_slice(src);
+        self.pos = end;
+    }
+
+    /// One byte.
+    #[inline(always)]
+    pub(crate) fn u8(&mut self, v: u8) {
+        self.dst[self.pos].write(v);
+        self.pos += 1;
+    }
+
+    /// A big-endian `u16`.
+    #[inline(always)]
+    pub(crate) fn u16(&mut self, v: u16) {
+        self.slice(&v.to_be_bytes());
+    }
+
+    /// A big-endian `u32`.
+    #[inline(always)]
+    pub(crate) fn u32(&mut self, v: u32) {
+        self.slice(&v.to_be_bytes());
+    }
+
+    /// A Variable Byte Integer (`value` at most [`VARINT_MAX`], checked by the caller).
+    #[inline(always)]
+    pub(crate) fn varint(&mut self, value: usize) {
+        if value < 128 {
+            self.u8(value as u8);
+            return;
+        }
+        let mut value = value;
+        loop {
+            let byte = (value % 128) as u8;
+            value /= 128;
+            if value == 0 {
+                self.u8(byte);
+                break;
+            }
+            self.u8(byte | 0x80);
+        }
+    }
+
+    /// A two-byte-length-prefixed string or binary field; the caller guarantees `len <= 65535`.
+    #[inline(always)]
+    pub(crate) fn binary(&mut self, data: &[u8]) {
+        self.u16(data.len() as u16);
+        self.slice(data);
     }
 }

@@ -93,12 +93,13 @@ impl Packet {
         version: ProtocolVersion,
     ) -> Result<Self, DecodeError> {
         let ptype = header_type(first, version)?;
+        if ptype == PacketType::Publish {
+            return Publish::decode_some(first & 0x0F, body, 0, version)?
+                .ok_or(DecodeError::UnexpectedEof);
+        }
         let r = Reader::new(body);
         Ok(match ptype {
-            PacketType::Publish => {
-                return Publish::decode_some(first & 0x0F, r, version)?
-                    .ok_or(DecodeError::UnexpectedEof);
-            }
+            PacketType::Publish => unreachable!("handled above"),
             PacketType::PubAck => Self::PubAck(PubAck::decode(r, version)?),
             PacketType::PubRec => Self::PubRec(PubRec::decode(r, version)?),
             PacketType::PubRel => Self::PubRel(PubRel::decode(r, version)?),

@@ -1,14 +1,15 @@
 //! PUBLISH (§3.3): the hot path. Decoding validates the topic once and slices topic and payload
 //! out of the receive buffer; encoding computes the exact length and writes once.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::Packet;
 use crate::properties::{PublishProperties, section_len};
 use crate::protocol::{PacketId, ProtocolVersion, QoS};
-use crate::topic::Topic;
-use crate::wire::{Reader, VARINT_MAX, write_binary};
+use crate::string::{MqttString, check_str_scan};
+use crate::topic::{Topic, TopicError};
+use crate::wire::{Reader, VARINT_MAX, write_binary, write_reserved};
 
 /// PUBLISH: an application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,13 +44,18 @@ impl Publish {
         }
     }
 
-    /// Decodes the variable header and payload, building the packet directly in the caller's
-    /// `Result<Option<Packet>>` so the 250-byte value is not copied from one wrapper to the next
-    /// on the hot path (always `Some` on success).
+    /// Decodes a PUBLISH from `frame`, the whole packet, whose variable header starts at
+    /// `header`, building the packet directly in the caller's `Result<Option<Packet>>` so the
+    /// 250-byte value is not copied from one wrapper to the next on the hot path (always `Some`
+    /// on success).
+    ///
+    /// The header is read from the raw bytes; the only operations on the `Bytes` handle are one
+    /// slice for the topic and one advance for the payload (in 3.1/3.1.1).
     #[inline(always)]
     pub(crate) fn decode_some(
         flags: u8,
-        mut r: Reader,
+        frame: Bytes,
+        header: usize,
         version: ProtocolVersion,
     ) -> Result<Option<Packet>, DecodeError> {
         let dup = flags & 0b1000 != 0;
@@ -58,17 +64,43 @@ impl Publish {
         if dup && qos == QoS::AtMostOnce {
             return Err(DecodeError::DupWithQoS0);
         }
-        let topic = r.topic(version.is_v5())?;
+        let raw: &[u8] = &frame;
+        let topic_len = match raw.get(header..header + 2) {
+            Some(b) => usize::from(u16::from_be_bytes([b[0], b[1]])),
+            None => return Err(DecodeError::UnexpectedEof),
+        };
+        let topic_at = header + 2;
+        let mut pos = topic_at + topic_len;
+        let Some(name) = raw.get(topic_at..pos) else {
+            return Err(DecodeError::UnexpectedEof);
+        };
+        if check_str_scan(name)?.has_wildcard {
+            return Err(DecodeError::InvalidTopicName(
+                TopicError::WildcardInTopicName,
+            ));
+        }
+        if topic_len == 0 && !version.is_v5() {
+            return Err(DecodeError::InvalidTopicName(TopicError::Empty));
+        }
         let packet_id = if qos == QoS::AtMostOnce {
             None
         } else {
-            Some(PacketId::new(r.u16()?).ok_or(DecodeError::ZeroPacketId)?)
+            let Some(b) = raw.get(pos..pos + 2) else {
+                return Err(DecodeError::UnexpectedEof);
+            };
+            pos += 2;
+            Some(PacketId::new(u16::from_be_bytes([b[0], b[1]])).ok_or(DecodeError::ZeroPacketId)?)
         };
+        let topic = Topic::from_checked(MqttString::from_checked(
+            frame.slice(topic_at..topic_at + topic_len),
+        ));
         if version.is_v5() {
+            let mut r = Reader::at(frame, pos);
             let properties = PublishProperties::decode(&mut r)?;
             if topic.is_empty() && properties.topic_alias.is_none() {
                 return Err(DecodeError::EmptyTopicWithoutAlias);
             }
+            let payload = r.rest();
             return Ok(Some(Packet::Publish(Self {
                 dup,
                 qos,
@@ -76,9 +108,11 @@ impl Publish {
                 topic,
                 packet_id,
                 properties,
-                payload: r.rest(),
+                payload,
             })));
         }
+        let mut payload = frame;
+        payload.advance(pos);
         Ok(Some(Packet::Publish(Self {
             dup,
             qos,
@@ -86,7 +120,7 @@ impl Publish {
             topic,
             packet_id,
             properties: PublishProperties::default(),
-            payload: r.rest(),
+            payload,
         })))
     }
 
@@ -161,21 +195,21 @@ impl Publish {
         if !with_payload {
             reserve -= self.payload.len();
         }
-        buf.reserve(reserve);
-        buf.put_u8((3 << 4) | self.flags());
-        crate::wire::write_varint(buf, body);
-        // Topics are at most 65,535 bytes (an `MqttString` invariant).
-        buf.put_u16(self.topic.len() as u16);
-        buf.put_slice(self.topic.as_bytes());
-        if let Some(id) = self.packet_id {
-            buf.put_u16(id.get());
-        }
-        if version.is_v5() {
-            self.properties.write(buf, props);
-        }
-        if with_payload {
-            buf.put_slice(&self.payload);
-        }
+        write_reserved(buf, reserve, |c| {
+            c.u8((3 << 4) | self.flags());
+            c.varint(body);
+            // Topics are at most 65,535 bytes (an `MqttString` invariant).
+            c.binary(self.topic.as_bytes());
+            if let Some(id) = self.packet_id {
+                c.u16(id.get());
+            }
+            if version.is_v5() {
+                self.properties.write_to(c, props);
+            }
+            if with_payload {
+                c.slice(&self.payload);
+            }
+        });
         Ok(())
     }
 

@@ -100,24 +100,25 @@ fn decode_split(
 
 /// The total length and fixed header length of the complete packet at the start of `buf`,
 /// `None` if incomplete.
-#[inline]
+#[inline(always)]
 fn frame_len(buf: &[u8], max_packet_size: usize) -> Result<Option<(usize, usize)>, DecodeError> {
-    if buf.len() < 2 {
-        return Ok(None);
+    let (remaining, n) = match buf {
+        [] | [_] => return Ok(None),
+        // A one-byte remaining length (packets under 130 bytes): no loop.
+        [_, b, ..] if *b < 0x80 => (usize::from(*b), 1),
+        [_, rest @ ..] => match read_varint(rest)? {
+            VarInt::Incomplete => return Ok(None),
+            VarInt::Value(remaining, n) => (remaining as usize, n),
+        },
+    };
+    let len = 1 + n + remaining;
+    if len > max_packet_size {
+        return Err(DecodeError::PacketTooLarge {
+            size: len,
+            max: max_packet_size,
+        });
     }
-    match read_varint(&buf[1..])? {
-        VarInt::Incomplete => Ok(None),
-        VarInt::Value(remaining, n) => {
-            let len = 1 + n + remaining as usize;
-            if len > max_packet_size {
-                return Err(DecodeError::PacketTooLarge {
-                    size: len,
-                    max: max_packet_size,
-                });
-            }
-            Ok((buf.len() >= len).then_some((len, 1 + n)))
-        }
-    }
+    Ok((buf.len() >= len).then_some((len, 1 + n)))
 }
 
 /// As [`decode`], from a [`Bytes`] buffer (advanced past the packet on success).

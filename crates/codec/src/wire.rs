@@ -292,7 +292,22 @@ impl Cursor<'_> {
     #[inline(always)]
     pub(crate) fn slice(&mut self, src: &[u8]) {
         let end = self.pos + src.len();
-        self.dst[self.pos..end].write_copy_of_slice(src);
+        let dst = &mut self.dst[self.pos..end];
+        let n = src.len();
+        // Topics, short payloads and property values are mostly small: copy them with a few
+        // overlapping fixed-size moves (inlined) instead of a call to `memcpy`.
+        if (16..=32).contains(&n) {
+            dst[..16].write_copy_of_slice(&src[..16]);
+            dst[n - 16..].write_copy_of_slice(&src[n - 16..]);
+        } else if (32..=64).contains(&n) {
+            dst[..32].write_copy_of_slice(&src[..32]);
+            dst[n - 32..].write_copy_of_slice(&src[n - 32..]);
+        } else if (8..16).contains(&n) {
+            dst[..8].write_copy_of_slice(&src[..8]);
+            dst[n - 8..].write_copy_of_slice(&src[n - 8..]);
+        } else {
+            dst.write_copy_of_slice(src);
+        }
         self.pos = end;
     }
 
@@ -339,5 +354,52 @@ impl Cursor<'_> {
     pub(crate) fn binary(&mut self, data: &[u8]) {
         self.u16(data.len() as u16);
         self.slice(data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every copy size (the inlined small-copy branches and the `memcpy` one) writes exactly
+    /// the source bytes after what was already written, and the buffer length follows.
+    #[test]
+    fn cursor_copies_every_size_exactly() {
+        let src: Vec<u8> = (0..=255u8).collect();
+        for n in 0..=200 {
+            let mut buf = BytesMut::from(&b"xy"[..]);
+            write_reserved(&mut buf, 3 + n + 2, |c| {
+                c.u8(0xAA);
+                c.u16(0x0102);
+                c.slice(&src[..n]);
+                c.u16(0xBEEF);
+            });
+            let mut want = vec![b'x', b'y', 0xAA, 0x01, 0x02];
+            want.extend_from_slice(&src[..n]);
+            want.extend_from_slice(&[0xBE, 0xEF]);
+            assert_eq!(&buf[..], &want[..], "n = {n}");
+        }
+    }
+
+    /// The cursor's Variable Byte Integer matches the `BytesMut` writer at every length boundary.
+    #[test]
+    fn cursor_varint_matches_writer() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            VARINT_MAX as usize,
+        ] {
+            let mut a = BytesMut::new();
+            write_varint(&mut a, v);
+            let mut b = BytesMut::new();
+            write_reserved(&mut b, varint_len(v), |c| c.varint(v));
+            assert_eq!(a, b, "{v}");
+        }
     }
 }

@@ -196,10 +196,22 @@ impl Packet {
     /// Appends the packet, encoded for `version`, to `buf` (reserving the exact length once).
     /// A CONNECT is always encoded in its own `protocol_version`. Properties are dropped for
     /// 3.1/3.1.1. On error nothing is written.
+    #[inline]
     pub fn encode(&self, version: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
-        if let Self::Publish(p) = self {
-            return p.encode_packet(version, buf);
+        match self {
+            Self::Publish(p) => p.encode_packet(version, buf),
+            _ => self.encode_other(version, buf),
         }
+    }
+
+    /// [`Packet::encode`] for everything but PUBLISH, out of line so that the PUBLISH path
+    /// does not pay this function's stack frame.
+    #[inline(never)]
+    fn encode_other(
+        &self,
+        version: ProtocolVersion,
+        buf: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
         let version = match self {
             Self::Connect(c) => c.protocol_version,
             _ => version,

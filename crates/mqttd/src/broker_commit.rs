@@ -2,11 +2,12 @@
 //! commit) and, when a commit fails, turning the batch's acknowledgements into failures so that
 //! no client is told that something was stored when it was not.
 //!
-//! Pipelined: [`Broker::start_commit`] hands the changed sessions to the store, whose writer
+//! Pipelined: [`Broker::commit_held`] hands the changed sessions to the store, whose writer
 //! thread commits them while the driver goes on handling events; the packets produced before
-//! the commit started wait in the returned [`InFlightCommit`], and
-//! [`Broker::complete_commit`] releases them (or their refusals) when the store reports the
-//! result, and starts the next commit with everything that happened meanwhile.
+//! the commit started wait in the [`InFlightCommit`], and [`Broker::complete_commit`] releases
+//! them (or their refusals) when the store reports the result. Up to two commits are in flight
+//! at once, so the writer starts the next one as soon as it is done with one, without waiting
+//! for the driver to hear of it; what happens while two are in flight waits for the next.
 
 use std::collections::VecDeque;
 
@@ -15,37 +16,56 @@ use mqttd_codec::{ConnAck, Packet, ReasonCode};
 use super::{Broker, ConnId, Transmit};
 use crate::store::{CommitTicket, Outgoing, Store, StoreError};
 
-/// A commit the store is writing, and the packets that wait for it (acknowledgements among
-/// them). Hand it back to [`Broker::complete_commit`] with the result of
-/// [`InFlightCommit::result`] (or [`InFlightCommit::wait`]).
-#[derive(Debug)]
+/// Commits the store is writing, oldest first, and the packets that wait for each
+/// (acknowledgements among them). Hand it back to [`Broker::complete_commit`] with the result
+/// of [`InFlightCommit::result`] (or [`InFlightCommit::wait`]), which is the oldest's.
+#[derive(Debug, Default)]
 pub struct InFlightCommit {
+    stages: VecDeque<Stage>,
+}
+
+#[derive(Debug)]
+struct Stage {
     ticket: CommitTicket,
     held: VecDeque<(ConnId, Transmit)>,
+    closed: Vec<ConnId>,
 }
+
+/// Commits in flight at once: one being written, the next queued behind it.
+const MAX_IN_FLIGHT: usize = 2;
 
 impl InFlightCommit {
-    /// Completes when the store has committed (or failed to).
+    /// Completes when the oldest commit has been written (or failed); at once with `Ok` when
+    /// there is none.
     pub async fn result(&mut self) -> Result<(), StoreError> {
-        (&mut self.ticket).await
+        match self.stages.front_mut() {
+            Some(s) => (&mut s.ticket).await,
+            None => Ok(()),
+        }
     }
 
-    /// Blocks until the store has committed (or failed to).
+    /// Blocks until the oldest commit has been written (or failed).
     pub fn wait(&mut self) -> Result<(), StoreError> {
-        self.ticket.wait()
+        self.stages.front_mut().map_or(Ok(()), |s| s.ticket.wait())
     }
 
-    /// Number of packets waiting for this commit.
+    /// Number of packets waiting for these commits.
     pub fn held(&self) -> usize {
-        self.held.len()
+        self.stages.iter().map(|s| s.held.len()).sum()
+    }
+
+    /// Whether no commit is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.stages.is_empty()
     }
 }
 
-/// Completes when `commit` does; never when there is none (for a `select!` branch).
+/// Completes when the oldest commit in `commit` does; never when there is none (for a
+/// `select!` branch).
 pub async fn committed(commit: &mut Option<InFlightCommit>) -> Result<(), StoreError> {
     match commit {
-        Some(c) => c.result().await,
-        None => std::future::pending().await,
+        Some(c) if !c.is_empty() => c.result().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -112,17 +132,85 @@ impl<S: Store> Broker<S> {
         result
     }
 
-    /// Starts a commit of every change so far without waiting for it: hands the persistent
-    /// sessions changed since the last call to the store and starts its commit
-    /// ([`Store::start_commit`]). With `hold`, every packet produced so far moves into the
-    /// returned commit, to be released by [`Broker::complete_commit`] (group commit: nothing
-    /// is acknowledged before it is durable); new packets queue behind them.
+    /// Starts a commit of every change so far without holding any packet (`durability =
+    /// "periodic"`); `None` when there is nothing to commit or the store finished on the spot.
+    pub fn start_commit(&mut self) -> Option<InFlightCommit> {
+        let stage = self.start_stage(false, &mut Vec::new())?;
+        Some(InFlightCommit {
+            stages: VecDeque::from([stage]),
+        })
+    }
+
+    /// Group commit (`durability = "sync"`), after a batch of events: unless two commits are
+    /// in flight already, hands the persistent sessions changed since the last call to the
+    /// store and starts its commit ([`Store::start_commit`]); every packet produced so far
+    /// then waits in `commit`, with the connections in `closed` (taken), until
+    /// [`Broker::complete_commit`] releases them: nothing is acknowledged before it is
+    /// durable. Packets left in the queue (two commits in flight, or nothing changed while
+    /// one is) wait for the next call or completion.
     ///
-    /// `None` when there is nothing to wait for: nothing changed, the store keeps nothing, or
+    /// `commit` stays `None` when nothing waits: nothing changed, the store keeps nothing, or
     /// the store finished on the spot (its result applied already: on failure the queued
-    /// acknowledgements became refusals, as with [`Broker::commit`]). The packets are then
-    /// free to go at once.
-    pub fn start_commit(&mut self, hold: bool) -> Option<InFlightCommit> {
+    /// acknowledgements became refusals, as with [`Broker::commit`]). The queued packets and
+    /// the `closed` connections' last packets are then free to go.
+    pub fn commit_held(&mut self, commit: &mut Option<InFlightCommit>, closed: &mut Vec<ConnId>) {
+        let in_flight = commit.as_ref().map_or(0, |c| c.stages.len());
+        if in_flight >= MAX_IN_FLIGHT {
+            return;
+        }
+        if let Some(stage) = self.start_stage(true, closed) {
+            commit
+                .get_or_insert_with(InFlightCommit::default)
+                .stages
+                .push_back(stage);
+        }
+    }
+
+    /// Completes the oldest commit in `commit` with the store's `result` (of
+    /// [`InFlightCommit::result`]): afterwards [`Broker::poll_transmit`] yields exactly the
+    /// packets free to go, those it held first (on failure, acknowledgements turned into
+    /// refusals as [`Broker::commit`] describes); the returned connections (closed before it
+    /// started) may be forgotten once they are handed over. With `hold`, changes and packets
+    /// that came after the commits in flight started go into a new commit (with `closed`),
+    /// or behind the last one in flight when nothing changed.
+    pub fn complete_commit(
+        &mut self,
+        commit: &mut InFlightCommit,
+        result: Result<(), StoreError>,
+        hold: bool,
+        closed: &mut Vec<ConnId>,
+    ) -> Vec<ConnId> {
+        let Some(done) = commit.stages.pop_front() else {
+            return std::mem::take(closed);
+        };
+        let mut released = done.held;
+        let mut gone = done.closed;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "commit failed: this batch's acknowledgements were refused");
+            released = self.fail_acks_in(released);
+        }
+        if hold {
+            match self.start_stage(true, closed) {
+                Some(stage) => commit.stages.push_back(stage),
+                // Nothing to commit: they need no commit, only to keep their order.
+                None => match commit.stages.back_mut() {
+                    Some(last) => {
+                        last.held.append(&mut self.transmits);
+                        last.closed.append(closed);
+                    }
+                    None => gone.append(closed),
+                },
+            }
+        }
+        released.append(&mut self.transmits);
+        self.transmits = released;
+        gone
+    }
+
+    /// Hands the changed sessions to the store and starts its commit; with `hold`, the
+    /// queued packets and `closed` go into the stage. `None` when nothing waits (see
+    /// [`Broker::commit_held`]).
+    fn start_stage(&mut self, hold: bool, closed: &mut Vec<ConnId>) -> Option<Stage> {
         let changed = !self.dirty.is_empty();
         let mut ticket = match self.save_dirty() {
             Some(e) => CommitTicket::ready(Err(e)),
@@ -136,34 +224,16 @@ impl<S: Store> Broker<S> {
             }
             return None;
         }
-        let held = if hold {
-            std::mem::take(&mut self.transmits)
+        let (held, closed) = if hold {
+            (std::mem::take(&mut self.transmits), std::mem::take(closed))
         } else {
-            VecDeque::new()
+            (VecDeque::new(), Vec::new())
         };
-        Some(InFlightCommit { ticket, held })
-    }
-
-    /// Completes `commit` with the store's `result`: afterwards [`Broker::poll_transmit`]
-    /// yields the packets it held first (on failure, acknowledgements turned into refusals as
-    /// [`Broker::commit`] describes), then whatever may go without a commit. With `hold`,
-    /// the changes and packets that came after `commit` started go into the returned next
-    /// commit, started here; without, nothing is started (a periodic commit).
-    pub fn complete_commit(
-        &mut self,
-        commit: InFlightCommit,
-        result: Result<(), StoreError>,
-        hold: bool,
-    ) -> Option<InFlightCommit> {
-        let mut released = commit.held;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "commit failed: this batch's acknowledgements were refused");
-            released = self.fail_acks_in(released);
-        }
-        let next = if hold { self.start_commit(true) } else { None };
-        released.append(&mut self.transmits);
-        self.transmits = released;
-        next
+        Some(Stage {
+            ticket,
+            held,
+            closed,
+        })
     }
 
     /// Hands every changed persistent session to the store; the first error, if any.
@@ -336,7 +406,7 @@ mod tests {
         b.handle_connect(conn, IpAddr::V4(Ipv4Addr::LOCALHOST), c, Instant::now());
     }
 
-    fn drain(b: &mut Broker<Faulty>) -> Vec<(ConnId, Transmit)> {
+    fn drain<S: Store>(b: &mut Broker<S>) -> Vec<(ConnId, Transmit)> {
         std::iter::from_fn(|| b.poll_transmit()).collect()
     }
 
@@ -452,5 +522,167 @@ mod tests {
         assert!(b.store().commits >= 3);
         let saved = b.store().inner.session("sub").expect("saved session");
         assert!(saved.queue.len() >= 3, "{}", saved.queue.len());
+    }
+
+    /// A store whose commits complete when the test says so: the writer thread's stand-in.
+    struct Piped {
+        inner: MemoryStore,
+        changed: bool,
+        started: Arc<std::sync::Mutex<std::collections::VecDeque<crate::store::Completer>>>,
+    }
+
+    impl Store for Piped {
+        fn load_sessions(&mut self) -> Result<Vec<SessionState>, StoreError> {
+            self.inner.load_sessions()
+        }
+        fn save_session(&mut self, state: &SessionState) -> Result<(), StoreError> {
+            self.changed = true;
+            self.inner.save_session(state)
+        }
+        fn remove_session(&mut self, client_id: &str) -> Result<(), StoreError> {
+            self.changed = true;
+            self.inner.remove_session(client_id)
+        }
+        fn load_retained(&mut self) -> Result<Vec<SharedMessage>, StoreError> {
+            self.inner.load_retained()
+        }
+        fn save_retained(&mut self, m: &SharedMessage) -> Result<(), StoreError> {
+            self.changed = true;
+            self.inner.save_retained(m)
+        }
+        fn remove_retained(&mut self, topic: &str) -> Result<(), StoreError> {
+            self.changed = true;
+            self.inner.remove_retained(topic)
+        }
+        fn start_commit(&mut self) -> CommitTicket {
+            self.changed = false;
+            let (ticket, done) = CommitTicket::pending();
+            self.started.lock().expect("lock").push_back(done);
+            ticket
+        }
+        fn has_pending(&self) -> bool {
+            self.changed
+        }
+    }
+
+    fn acks(out: &[(ConnId, Transmit)], conn: ConnId) -> Vec<(u16, ReasonCode)> {
+        out.iter()
+            .filter_map(|(c, t)| match t {
+                Transmit::Packet(Packet::PubAck(a)) if *c == conn => {
+                    Some((a.packet_id.get(), a.reason_code))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pipelined_commits_release_each_batch_in_order_and_refuse_only_a_failed_one() {
+        let started = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let store = Piped {
+            inner: MemoryStore::new(),
+            changed: false,
+            started: started.clone(),
+        };
+        let opts = BrokerOptions {
+            limits: Limits::default(),
+            allow_anonymous: Anonymous::Always,
+        };
+        let mut b =
+            Broker::new(opts, store, Arc::new(Metrics::new()), Instant::now()).expect("broker");
+        let now = Instant::now();
+        let mut c = Connect::new(
+            ProtocolVersion::V5,
+            MqttString::from_static("sub").expect("id"),
+            30,
+        );
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(3600);
+        b.handle_connect(1, IpAddr::V4(Ipv4Addr::LOCALHOST), c, now);
+        b.handle_packet(
+            1,
+            Packet::Subscribe(Subscribe {
+                packet_id: NonZeroU16::MIN,
+                filters: vec![SubscribeFilter {
+                    filter: TopicFilter::new("t").expect("filter"),
+                    options: SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..SubscriptionOptions::default()
+                    },
+                }],
+                properties: Default::default(),
+            }),
+            now,
+        );
+        b.handle_packet(1, Packet::Disconnect(Default::default()), now);
+        let mut c = Connect::new(
+            ProtocolVersion::V5,
+            MqttString::from_static("pub").expect("id"),
+            30,
+        );
+        c.clean_start = true;
+        b.handle_connect(2, IpAddr::V4(Ipv4Addr::LOCALHOST), c, now);
+        let mut commit = None;
+        let mut closed = Vec::new();
+        b.commit_held(&mut commit, &mut closed);
+        let complete = |ok: bool| {
+            let done = started
+                .lock()
+                .expect("lock")
+                .pop_front()
+                .expect("a commit started");
+            done.complete(if ok {
+                Ok(())
+            } else {
+                Err(StoreError("I/O error: No space left on device".into()))
+            });
+        };
+        complete(true);
+        let mut c = commit.take().expect("in flight");
+        let r = c.wait();
+        b.complete_commit(&mut c, r, true, &mut closed);
+        assert!(c.is_empty());
+        drain(&mut b);
+
+        // Three batches: two commits go in flight, the third batch waits behind them.
+        let mut commit = None;
+        for id in 1..=3 {
+            b.handle_packet(2, publish(QoS::AtLeastOnce, id), now);
+            b.commit_held(&mut commit, &mut closed);
+            // The driver hands packets over only when no commit is in flight.
+            assert!(commit.is_some(), "a commit holds the acknowledgement");
+        }
+        assert_eq!(
+            started.lock().expect("lock").len(),
+            2,
+            "two commits in flight"
+        );
+        let mut c = commit.take().expect("in flight");
+        assert_eq!(c.held(), 2);
+
+        // The first completes: its ack goes; the third batch starts a commit.
+        complete(true);
+        let r = c.wait();
+        b.complete_commit(&mut c, r, true, &mut closed);
+        assert_eq!(acks(&drain(&mut b), 2), vec![(1, ReasonCode::Success)]);
+        assert_eq!(started.lock().expect("lock").len(), 2);
+
+        // The second fails: only its ack becomes a refusal.
+        complete(false);
+        let r = c.wait();
+        assert!(r.is_err());
+        b.complete_commit(&mut c, r, true, &mut closed);
+        assert_eq!(
+            acks(&drain(&mut b), 2),
+            vec![(2, ReasonCode::UnspecifiedError)]
+        );
+
+        complete(true);
+        let r = c.wait();
+        b.complete_commit(&mut c, r, true, &mut closed);
+        assert!(c.is_empty(), "nothing changed since: no further commit");
+        assert_eq!(acks(&drain(&mut b), 2), vec![(3, ReasonCode::Success)]);
+        // Every message was saved in the offline subscriber's session.
+        assert_eq!(b.queued("sub"), Some(3));
     }
 }

@@ -626,10 +626,9 @@ async fn run_core(
     let mut commit_tick = tokio::time::interval(config.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut committing: Option<InFlightCommit> = None;
-    // Connections closed since the commit in flight started, and before it (their handles go
-    // once their held packets are handed over).
+    // Connections closed whose last packets are not handed over yet (with sync durability,
+    // those of closes before a commit started wait in it); their handles go once they are.
     let mut closed = Vec::new();
-    let mut closed_held = Vec::new();
     loop {
         tokio::select! {
             n = events.recv_many(&mut batch, 256) => {
@@ -652,31 +651,20 @@ async fn run_core(
                     }
                 }
                 if hold {
-                    sync_commit(
-                        &mut broker,
-                        &mut handles,
-                        &mut committing,
-                        &mut closed,
-                        &mut closed_held,
-                        now,
-                    );
+                    sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
                 } else {
                     broker.flush_store();
                 }
             }
             result = crate::broker::committed(&mut committing) => {
-                if let Some(c) = committing.take() {
-                    committing = broker.complete_commit(c, result, hold);
-                    dispatch(&mut broker, &mut handles, Instant::now());
-                    for conn in closed_held.drain(..) {
-                        handles.remove(&conn);
+                if let Some(mut c) = committing.take() {
+                    let gone = broker.complete_commit(&mut c, result, hold, &mut closed);
+                    if !c.is_empty() {
+                        committing = Some(c);
                     }
-                    if committing.is_some() {
-                        closed_held.append(&mut closed);
-                    } else {
-                        for conn in closed.drain(..) {
-                            handles.remove(&conn);
-                        }
+                    dispatch(&mut broker, &mut handles, Instant::now());
+                    for conn in gone {
+                        handles.remove(&conn);
                     }
                 }
             }
@@ -684,34 +672,20 @@ async fn run_core(
                 let now = Instant::now();
                 broker.handle_timeout(now);
                 if hold {
-                    sync_commit(
-                        &mut broker,
-                        &mut handles,
-                        &mut committing,
-                        &mut closed,
-                        &mut closed_held,
-                        now,
-                    );
+                    sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
                 } else {
                     dispatch(&mut broker, &mut handles, now);
                 }
             }
             _ = commit_tick.tick(), if periodic && committing.is_none() => {
-                committing = broker.start_commit(false);
+                committing = broker.start_commit();
                 dispatch(&mut broker, &mut handles, Instant::now());
             }
             _ = sys.tick(), if config.sys_interval.is_some() => {
                 let now = Instant::now();
                 broker.publish_sys(metrics.sys_topics(), now);
                 if hold {
-                    sync_commit(
-                        &mut broker,
-                        &mut handles,
-                        &mut committing,
-                        &mut closed,
-                        &mut closed_held,
-                        now,
-                    );
+                    sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
                 } else {
                     dispatch(&mut broker, &mut handles, now);
                 }
@@ -723,8 +697,14 @@ async fn run_core(
                 // The commit in flight (and those its completion starts) first, in order.
                 while let Some(mut c) = committing.take() {
                     let result = c.result().await;
-                    committing = broker.complete_commit(c, result, hold);
+                    let gone = broker.complete_commit(&mut c, result, hold, &mut closed);
+                    if !c.is_empty() {
+                        committing = Some(c);
+                    }
                     dispatch(&mut broker, &mut handles, now);
+                    for conn in gone {
+                        handles.remove(&conn);
+                    }
                 }
                 crate::store_redb::commit(&mut broker);
                 dispatch(&mut broker, &mut handles, now);
@@ -783,24 +763,18 @@ fn handle_event(
     }
 }
 
-/// `durability = "sync"`: unless a commit is in flight (the packets then wait for the next
-/// one), starts a commit of what the events so far changed; with nothing to commit, hands the
-/// packets over at once.
+/// `durability = "sync"`: starts (or queues behind the one in flight) a commit of what the
+/// events so far changed, which holds their packets; with nothing to commit and nothing in
+/// flight, hands the packets over at once.
 fn sync_commit(
     broker: &mut Broker<Box<dyn Store>>,
     handles: &mut HashMap<ConnId, Handle>,
     committing: &mut Option<InFlightCommit>,
     closed: &mut Vec<ConnId>,
-    closed_held: &mut Vec<ConnId>,
     now: Instant,
 ) {
-    if committing.is_some() {
-        return;
-    }
-    *committing = broker.start_commit(true);
-    if committing.is_some() {
-        closed_held.append(closed);
-    } else {
+    broker.commit_held(committing, closed);
+    if committing.is_none() {
         dispatch(broker, handles, now);
         for conn in closed.drain(..) {
             handles.remove(&conn);

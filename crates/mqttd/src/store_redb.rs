@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -104,9 +104,10 @@ pub struct RedbStore {
     pending: Batch,
     mode: CommitMode,
     writer: Option<Writer>,
-    /// Commits handed to the writer and not completed, plus one while a failed commit's
-    /// changes wait in the writer for the next one.
+    /// Commits handed to the writer and not completed.
     outstanding: Arc<AtomicUsize>,
+    /// Whether a failed commit's changes wait in the writer for the next commit.
+    carried: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -180,20 +181,23 @@ impl Drop for RedbStore {
 
 /// The writer thread: commits every job in order. A failed job's changes are kept and written
 /// with the next job (under its newer changes).
-fn write_loop(db: Arc<Database>, jobs: mpsc::Receiver<Job>, outstanding: Arc<AtomicUsize>) {
+fn write_loop(
+    db: Arc<Database>,
+    jobs: mpsc::Receiver<Job>,
+    outstanding: Arc<AtomicUsize>,
+    carry_flag: Arc<AtomicBool>,
+) {
     let mut carried: Option<Batch> = None;
     while let Ok(job) = jobs.recv() {
         let mut batch = job.batch;
         if let Some(old) = carried.take() {
             batch.merge_older(old);
-            // The carried changes were counted as one outstanding commit.
-            outstanding.fetch_sub(1, Ordering::AcqRel);
         }
         let result = write_batch(&db, &mut batch, job.mode);
         if result.is_err() && !batch.is_empty() {
             carried = Some(batch);
-            outstanding.fetch_add(1, Ordering::AcqRel);
         }
+        carry_flag.store(carried.is_some(), Ordering::Release);
         outstanding.fetch_sub(1, Ordering::AcqRel);
         job.done.complete(result);
     }
@@ -314,6 +318,7 @@ impl RedbStore {
             mode,
             writer: None,
             outstanding: Arc::new(AtomicUsize::new(0)),
+            carried: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -327,25 +332,35 @@ impl RedbStore {
         self.mode = mode;
     }
 
-    /// Writes pending changes in one transaction with the given mode and waits for it.
+    /// Writes pending changes in one transaction with the given mode and waits for it (and
+    /// for every commit started before).
     pub fn commit_with(&mut self, mode: CommitMode) -> Result<(), StoreError> {
-        self.start_commit_with(mode).wait()
+        if !self.has_pending() && self.outstanding.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        self.send(mode).wait()
     }
 
     /// Hands pending changes to the writer thread (started on first use) for one transaction
-    /// with the given mode; the ticket completes when it is written. With nothing pending and
-    /// nothing still being written, the ticket is complete at once.
+    /// with the given mode; the ticket completes when it is written. With nothing pending, the
+    /// ticket is complete at once.
     pub fn start_commit_with(&mut self, mode: CommitMode) -> CommitTicket {
         if !self.has_pending() {
             return CommitTicket::ready(Ok(()));
         }
+        self.send(mode)
+    }
+
+    /// Hands pending changes (maybe none) to the writer thread, started on first use.
+    fn send(&mut self, mode: CommitMode) -> CommitTicket {
         if self.writer.is_none() {
             let (tx, rx) = mpsc::channel();
             let db = self.db.clone();
             let outstanding = self.outstanding.clone();
+            let carried = self.carried.clone();
             match std::thread::Builder::new()
                 .name("mqttd-store-writer".into())
-                .spawn(move || write_loop(db, rx, outstanding))
+                .spawn(move || write_loop(db, rx, outstanding, carried))
             {
                 Ok(thread) => {
                     self.writer = Some(Writer {
@@ -534,7 +549,7 @@ impl Store for RedbStore {
     }
 
     fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || self.outstanding.load(Ordering::Acquire) > 0
+        !self.pending.is_empty() || self.carried.load(Ordering::Acquire)
     }
 }
 

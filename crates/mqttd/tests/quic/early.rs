@@ -129,47 +129,57 @@ async fn zero_rtt_connack(
 /// after the handshake completed (so a replayed first flight cannot do more than CONNECT).
 #[test]
 fn zero_rtt_connack_arrives_one_round_trip_sooner() {
-    run(async {
-        let broker = Broker::start("zero-rtt", &["--quic-zero-rtt", "true"]);
-        let relay = delay_relay(broker.quic, ONE_WAY).await;
-        let rtt = (ONE_WAY * 2).as_secs_f64();
-        let ep = quinn_endpoint();
-        let config = quinn_config_0rtt(&broker.cert_pem());
+    run(zero_rtt_round_trips(&[]));
+}
 
-        let (full, c) = full_handshake_connack(&ep, &config, relay, "full").await;
-        // The session ticket follows the handshake; let it arrive before leaving.
-        tokio::time::sleep(ONE_WAY * 4).await;
-        c.disconnect().await;
+/// The same in multi-stream mode (the control stream carries CONNECT and SUBSCRIBE).
+#[test]
+fn zero_rtt_connack_arrives_one_round_trip_sooner_multi_stream() {
+    run(zero_rtt_round_trips(&["--quic-multi-stream", "true"]));
+}
 
-        let (resumed, suback, accepted, c) = zero_rtt_connack(&ep, &config, relay, "early").await;
-        assert!(accepted, "the broker rejected the 0-RTT CONNECT");
-        c.disconnect().await;
+async fn zero_rtt_round_trips(args: &[&str]) {
+    let mut all = vec!["--quic-zero-rtt", "true"];
+    all.extend_from_slice(args);
+    let broker = Broker::start("zero-rtt", &all);
+    let relay = delay_relay(broker.quic, ONE_WAY).await;
+    let rtt = (ONE_WAY * 2).as_secs_f64();
+    let ep = quinn_endpoint();
+    let config = quinn_config_0rtt(&broker.cert_pem());
 
-        let full = full.as_secs_f64() / rtt;
-        let resumed = resumed.as_secs_f64() / rtt;
-        let suback = suback.as_secs_f64() / rtt;
-        eprintln!(
-            "CONNACK after a full handshake: {full:.2} RTT; resumed with 0-RTT: {resumed:.2} RTT; \
-             SUBACK of the early SUBSCRIBE: {suback:.2} RTT (RTT {:.0} ms)",
-            rtt * 1000.0
-        );
-        assert!(
-            full >= 1.9,
-            "a full handshake cannot answer before 2 RTT: {full:.2}"
-        );
-        assert!(
-            resumed <= 1.5,
-            "0-RTT CONNACK after {resumed:.2} RTT (expected about 1)"
-        );
-        assert!(
-            resumed <= full - 0.6,
-            "0-RTT saved no round trip: {resumed:.2} vs {full:.2} RTT"
-        );
-        assert!(
-            suback >= 1.9,
-            "the SUBSCRIBE from early data was served before the handshake: {suback:.2} RTT"
-        );
-    });
+    let (full, c) = full_handshake_connack(&ep, &config, relay, "full").await;
+    // The session ticket follows the handshake; let it arrive before leaving.
+    tokio::time::sleep(ONE_WAY * 4).await;
+    c.disconnect().await;
+
+    let (resumed, suback, accepted, c) = zero_rtt_connack(&ep, &config, relay, "early").await;
+    assert!(accepted, "the broker rejected the 0-RTT CONNECT");
+    c.disconnect().await;
+
+    let full = full.as_secs_f64() / rtt;
+    let resumed = resumed.as_secs_f64() / rtt;
+    let suback = suback.as_secs_f64() / rtt;
+    eprintln!(
+        "{args:?}: CONNACK after a full handshake: {full:.2} RTT; resumed with 0-RTT: {resumed:.2} RTT; \
+         SUBACK of the early SUBSCRIBE: {suback:.2} RTT (RTT {:.0} ms)",
+        rtt * 1000.0
+    );
+    assert!(
+        full >= 1.9,
+        "a full handshake cannot answer before 2 RTT: {full:.2}"
+    );
+    assert!(
+        resumed <= 1.5,
+        "0-RTT CONNACK after {resumed:.2} RTT (expected about 1)"
+    );
+    assert!(
+        resumed <= full - 0.6,
+        "0-RTT saved no round trip: {resumed:.2} vs {full:.2} RTT"
+    );
+    assert!(
+        suback >= 1.9,
+        "the SUBSCRIBE from early data was served before the handshake: {suback:.2} RTT"
+    );
 }
 
 /// Without `quic_zero_rtt` the broker issues tickets without early data: a resumed quinn

@@ -78,6 +78,9 @@ impl MqttVersion {
 pub enum TransportKind {
     /// Plain TCP.
     Tcp,
+    /// MQTT over QUIC, single-stream mode (the first bidirectional stream carries MQTT), ALPN
+    /// `mqtt`.
+    Quic,
 }
 
 /// Where the broker is and how clients connect to it.
@@ -86,7 +89,7 @@ pub struct ConnectOpts {
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// Broker port.
+    /// Broker port (UDP with `--transport quic`; mqttd listens for QUIC on 14567).
     #[arg(short = 'p', long, default_value_t = 1883)]
     pub port: u16,
     /// Transport.
@@ -107,6 +110,31 @@ pub struct ConnectOpts {
     /// Client identifier prefix; each client appends its role and index.
     #[arg(long, default_value = "mqttd-bench")]
     pub client_id_prefix: String,
+    /// Persistent sessions: clean session 0 (3.1.1) / clean start 0 with a one-hour Session
+    /// Expiry (5.0), so the broker keeps (and a durable broker stores) each client's session.
+    #[arg(long)]
+    pub persistent: bool,
+    /// QUIC: accept any server certificate (encrypted, not authenticated).
+    #[arg(long)]
+    pub insecure: bool,
+    /// QUIC: trust the CA certificates (or the self-signed certificate) in this PEM file
+    /// instead of the system roots.
+    #[arg(long, conflicts_with = "insecure")]
+    pub cafile: Option<std::path::PathBuf>,
+    /// QUIC: the name the server certificate is checked against (and sent as SNI)
+    /// [default: --host].
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// QUIC: client UDP sockets the connections are spread over, round robin.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub quic_endpoints: u16,
+    /// QUIC: share one TLS session cache between the clients, so all but the first resume a
+    /// session (off: each client makes a full handshake, like independent devices).
+    #[arg(long)]
+    pub quic_resume: bool,
+    /// QUIC: write a qlog per connection into this directory (for diagnosing stalls).
+    #[arg(long)]
+    pub quic_qlog: Option<std::path::PathBuf>,
 }
 
 /// What the run prints and samples.
@@ -147,6 +175,9 @@ pub struct LoadOpts {
     /// Seconds to wait after publishing for acknowledgements and deliveries still under way.
     #[arg(long, default_value_t = 5.0)]
     pub drain: f64,
+    /// Seconds without any delivery after which the drain ends early (the rest counts as lost).
+    #[arg(long, default_value_t = 1.0)]
+    pub drain_idle: f64,
 }
 
 /// `pub`.
@@ -330,6 +361,7 @@ fn workload(load: &LoadOpts) -> anyhow::Result<Workload> {
         duration: secs("--duration", load.duration)?,
         count: load.count,
         drain: secs("--drain", load.drain)?,
+        drain_idle: secs("--drain-idle", load.drain_idle)?,
     })
 }
 

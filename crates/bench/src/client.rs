@@ -38,6 +38,9 @@ const INITIAL_BUFFER: usize = 4096;
 /// Time allowed for TCP connect plus CONNECT/CONNACK, and for SUBSCRIBE/SUBACK.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Session Expiry Interval (seconds) of 5.0 persistent sessions: longer than any run.
+const PERSISTENT_SESSION_EXPIRY: u32 = 3600;
+
 /// Counters every client adds to, read by the progress line.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -70,17 +73,19 @@ fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> Resu
 }
 
 impl<T: Transport> Conn<T> {
-    /// Connects, sends CONNECT (clean start, no credentials) and waits for a successful CONNACK.
+    /// Connects, sends CONNECT (no credentials; a clean or a persistent session) and waits for
+    /// a successful CONNACK.
     pub async fn connect(
         transport: &T,
         addr: SocketAddr,
         version: ProtocolVersion,
         client_id: &str,
         keep_alive: u16,
+        persistent: bool,
     ) -> Result<Self> {
         timeout(
             HANDSHAKE_TIMEOUT,
-            Self::connect_inner(transport, addr, version, client_id, keep_alive),
+            Self::connect_inner(transport, addr, version, client_id, keep_alive, persistent),
         )
         .await
         .map_err(|_| anyhow!("{client_id}: no CONNACK within {HANDSHAKE_TIMEOUT:?}"))?
@@ -92,6 +97,7 @@ impl<T: Transport> Conn<T> {
         version: ProtocolVersion,
         client_id: &str,
         keep_alive: u16,
+        persistent: bool,
     ) -> Result<Self> {
         let (reader, writer) = transport
             .connect(addr)
@@ -109,7 +115,14 @@ impl<T: Transport> Conn<T> {
             receive_maximum: u16::MAX,
             keep_alive: Duration::from_secs(keep_alive.into()),
         };
-        let connect = Packet::Connect(Box::new(Connect::new(version, id, keep_alive)));
+        let mut connect = Connect::new(version, id, keep_alive);
+        if persistent {
+            connect.clean_start = false;
+            if version == ProtocolVersion::V5 {
+                connect.properties.session_expiry_interval = Some(PERSISTENT_SESSION_EXPIRY);
+            }
+        }
+        let connect = Packet::Connect(Box::new(connect));
         encode(&connect, version, &mut conn.wbuf)?;
         conn.flush().await?;
         match conn.read_packet().await? {

@@ -17,7 +17,7 @@
 //! drives them; [`client`] is one client's connection and loop; [`payload`] the payload header
 //! and the pre-encoded PUBLISH; [`accounting`] loss, duplicates and the latency histogram;
 //! [`procstat`] the `/proc` sampling; [`report`] the progress line and summary; [`transport`]
-//! the byte-stream abstraction (TCP now, QUIC later).
+//! the byte-stream abstraction (TCP, and MQTT over QUIC in single-stream mode).
 //!
 //! What it must not do: it is not a conformance tester (it checks only what it needs to count
 //! correctly), and it never sends traffic anywhere but the broker address it is given.

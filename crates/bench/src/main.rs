@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use mqttd_bench::cli::ConnectOpts;
 use mqttd_bench::cli::{Cli, TransportKind};
-use mqttd_bench::run::run;
-use mqttd_bench::transport::Tcp;
+use mqttd_bench::run::{resolve, run};
+use mqttd_bench::transport::{Quic, QuicOptions, Tcp, Trust, read_ca};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -32,6 +33,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match connect.transport {
             TransportKind::Tcp => run(Tcp, plan, connect, output).await,
+            TransportKind::Quic => {
+                let quic = quic_transport(&connect).await?;
+                run(quic, plan, connect, output).await
+            }
         }
     });
     match result {
@@ -56,4 +61,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The QUIC transport the connection options ask for.
+async fn quic_transport(connect: &ConnectOpts) -> anyhow::Result<Quic> {
+    let remote = resolve(connect).await?;
+    let trust = match (&connect.cafile, connect.insecure) {
+        (Some(path), _) => read_ca(path)?,
+        (None, true) => Trust::Insecure,
+        (None, false) => Trust::System,
+    };
+    // The QUIC idle timeout outlasts MQTT keep alive, which alone decides liveness.
+    let idle = std::time::Duration::from_secs(u64::from(connect.keep_alive).max(30) * 2);
+    Quic::new(
+        QuicOptions {
+            trust,
+            server_name: connect
+                .server_name
+                .clone()
+                .unwrap_or_else(|| connect.host.clone()),
+            endpoints: usize::from(connect.quic_endpoints),
+            resume: connect.quic_resume,
+            idle_timeout: idle,
+            qlog_dir: connect.quic_qlog.clone(),
+        },
+        remote,
+    )
 }

@@ -39,6 +39,8 @@ pub struct Workload {
     pub count: Option<u64>,
     /// Time allowed after publishing for acknowledgements and deliveries to finish.
     pub drain: Duration,
+    /// The drain ends early after this long without a delivery.
+    pub drain_idle: Duration,
 }
 
 impl Default for Workload {
@@ -51,6 +53,7 @@ impl Default for Workload {
             duration: Duration::from_secs(10),
             count: None,
             drain: Duration::from_secs(5),
+            drain_idle: Duration::from_secs(1),
         }
     }
 }

@@ -72,6 +72,7 @@ impl<T: Transport> Dial<T> {
             self.opts.mqtt.protocol(),
             &id,
             self.opts.keep_alive,
+            self.opts.persistent,
         )
         .await?;
         drop(permit);
@@ -81,7 +82,7 @@ impl<T: Transport> Dial<T> {
 }
 
 /// Resolves the broker address.
-async fn resolve(opts: &ConnectOpts) -> Result<SocketAddr> {
+pub async fn resolve(opts: &ConnectOpts) -> Result<SocketAddr> {
     tokio::net::lookup_host((opts.host.as_str(), opts.port))
         .await
         .with_context(|| format!("cannot resolve {}", opts.host))?
@@ -97,6 +98,7 @@ pub async fn run<T: Transport>(
     output: OutputOpts,
 ) -> Result<Summary> {
     let addr = resolve(&connect).await?;
+    let transport_name = transport.name();
     let counters = Arc::new(Counters::default());
     let broker = output.broker_pid.map(Proc::Pid);
     if let (Some(pid), Some(b)) = (output.broker_pid, broker) {
@@ -129,7 +131,7 @@ pub async fn run<T: Transport>(
     }
     summary.kind = "summary";
     summary.scenario = plan.scenario.clone();
-    summary.transport = "tcp";
+    summary.transport = transport_name;
     summary.mqtt = connect.mqtt.label();
     summary.qos = plan.load.qos as u8;
     Ok(summary)
@@ -294,7 +296,7 @@ async fn run_messages<T: Transport>(
     let sent: Vec<u64> = pub_results.iter().map(|p| p.sent).collect();
 
     // Deliveries still under way: wait until every expected one arrived, or nothing arrived for
-    // a second, or the drain time is over. `sub` alone listens for its duration or count.
+    // `drain_idle` (a second by default), or the drain time is over. `sub` alone listens for its duration or count.
     let all_known = plan.subscribers.iter().all(|s| s.expects.is_some());
     let expected: Option<u64> = all_known.then(|| {
         plan.subscribers
@@ -324,7 +326,7 @@ async fn run_messages<T: Transport>(
                     (last, last_change) = (got, now);
                 }
                 let complete = expected.is_some_and(|e| got >= e);
-                if complete || now >= until || now >= last_change + Duration::from_secs(1) {
+                if complete || now >= until || now >= last_change + load.drain_idle {
                     break;
                 }
                 sleep(Duration::from_millis(5)).await;

@@ -59,3 +59,145 @@ async fn qos1_scenarios_against_mqttd_count_every_message_once() {
     assert_eq!(n(&s, "connected"), 200, "{s}");
     broker.shutdown().await;
 }
+
+/// mqttd with its MQTT-over-QUIC listener on a free UDP port (a self-signed certificate is
+/// generated into `data_dir`).
+async fn start_mqttd_quic(
+    data_dir: &std::path::Path,
+) -> (mqttd::server::Running, mqttd::quic::QuicListener) {
+    let broker = start_mqttd().await;
+    let quic = mqttd::config::QuicConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        ..Default::default()
+    };
+    let listener = mqttd::quic::start(
+        &quic,
+        data_dir,
+        broker.context(),
+        broker.shutdown_handle().subscribe(),
+    )
+    .await
+    .expect("start the QUIC listener");
+    (broker, listener)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_over_quic_against_mqttd_counts_every_message_once() {
+    let dir = tempfile::tempdir().expect("temporary data directory");
+    let (broker, listener) = start_mqttd_quic(dir.path()).await;
+    let port = listener.local_addr.port();
+
+    // Two client endpoints: connections share UDP sockets.
+    let s = bench_async(
+        port,
+        &[
+            "fan-in",
+            "--transport",
+            "quic",
+            "--insecure",
+            "--quic-endpoints",
+            "2",
+            "--publishers",
+            "4",
+            "-q",
+            "1",
+            "-n",
+            "2000",
+        ],
+    )
+    .await;
+    assert_eq!(s["transport"], "quic", "{s}");
+    assert_exactly_once(&s, 8000);
+
+    let s = bench_async(
+        port,
+        &[
+            "pairs",
+            "--transport",
+            "quic",
+            "--insecure",
+            "--pairs",
+            "4",
+            "-q",
+            "1",
+            "-n",
+            "1000",
+            "--mqtt",
+            "5",
+            "--persistent",
+        ],
+    )
+    .await;
+    assert_exactly_once(&s, 4000);
+
+    let s = bench_async(
+        port,
+        &[
+            "conn",
+            "--transport",
+            "quic",
+            "--insecure",
+            "-c",
+            "50",
+            "-d",
+            "0.3",
+        ],
+    )
+    .await;
+    assert_eq!(n(&s, "connected"), 50, "{s}");
+    broker.shutdown().await;
+    listener.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_checks_the_certificate_unless_told_not_to() {
+    let dir = tempfile::tempdir().expect("temporary data directory");
+    let (broker, listener) = start_mqttd_quic(dir.path()).await;
+    let port = listener.local_addr.port().to_string();
+    // Trusting the broker's own self-signed certificate works (its name is `localhost`).
+    let cafile = listener.cert_path.to_string_lossy().to_string();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(common::BENCH)
+                .args(&args)
+                .output()
+                .expect("run mqttd-bench")
+        })
+    };
+    let base = |extra: &[&str]| -> Vec<String> {
+        [
+            "conn",
+            "--transport",
+            "quic",
+            "-c",
+            "2",
+            "-d",
+            "0.1",
+            "-p",
+            &port,
+            "--json",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let ok = run(base(&["--cafile", &cafile, "--server-name", "localhost"]))
+        .await
+        .expect("runner");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // The system roots do not trust a self-signed certificate: every client fails.
+    let refused = run(base(&[])).await.expect("runner");
+    assert!(
+        !refused.status.success(),
+        "connected without trusting the certificate"
+    );
+    let s = summary(&refused);
+    assert_eq!(n(&s, "connected"), 0, "{s}");
+    broker.shutdown().await;
+    listener.wait().await;
+}

@@ -409,6 +409,49 @@ fn wildcards_in_publish_topic() {
     );
 }
 
+/// A PUBLISH with several faults reports the first in field order: the topic before a
+/// missing or zero packet identifier (QoS 1), in both versions.
+#[test]
+fn publish_reports_topic_faults_before_packet_id_faults() {
+    for version in [V3_1_1, V5] {
+        // Wildcard topic, packet identifier cut off after one byte.
+        fail(
+            &frame(0x32, &[0, 1, b'#', 0]),
+            version,
+            DecodeError::InvalidTopicName(TopicError::WildcardInTopicName),
+            R::TopicNameInvalid,
+        );
+        // Wildcard topic, no packet identifier at all.
+        fail(
+            &frame(0x32, &[0, 1, b'+']),
+            version,
+            DecodeError::InvalidTopicName(TopicError::WildcardInTopicName),
+            R::TopicNameInvalid,
+        );
+        // U+0000 in the topic, packet identifier 0.
+        fail(
+            &frame(0x32, &[0, 1, 0, 0, 0]),
+            version,
+            DecodeError::NullCharacter,
+            R::MalformedPacket,
+        );
+        // A valid topic, then a truncated packet identifier: end of packet.
+        fail(
+            &frame(0x32, &[0, 1, b'a', 0]),
+            version,
+            DecodeError::UnexpectedEof,
+            R::MalformedPacket,
+        );
+    }
+    // Empty topic in 3.1.1 before a zero packet identifier.
+    fail(
+        &frame(0x32, &[0, 0, 0, 0]),
+        V3_1_1,
+        DecodeError::InvalidTopicName(TopicError::Empty),
+        R::TopicNameInvalid,
+    );
+}
+
 #[test]
 fn empty_topic_in_v311() {
     fail(

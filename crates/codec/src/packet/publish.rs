@@ -54,7 +54,7 @@ impl Publish {
     #[inline(always)]
     pub(crate) fn decode_some(
         flags: u8,
-        frame: Bytes,
+        mut frame: Bytes,
         header: usize,
         version: ProtocolVersion,
     ) -> Result<Option<Packet>, DecodeError> {
@@ -64,37 +64,48 @@ impl Publish {
         if dup && qos == QoS::AtMostOnce {
             return Err(DecodeError::DupWithQoS0);
         }
+        let v5 = version.is_v5();
+        // The layout first, from the raw bytes.
         let raw: &[u8] = &frame;
         let topic_len = match raw.get(header..header + 2) {
             Some(b) => usize::from(u16::from_be_bytes([b[0], b[1]])),
             None => return Err(DecodeError::UnexpectedEof),
         };
         let topic_at = header + 2;
-        let mut pos = topic_at + topic_len;
-        let Some(name) = raw.get(topic_at..pos) else {
+        let topic_end = topic_at + topic_len;
+        if topic_end > raw.len() {
+            return Err(DecodeError::UnexpectedEof);
+        }
+        let pos = if qos == QoS::AtMostOnce {
+            topic_end
+        } else {
+            topic_end + 2
+        };
+        let Some(id_bytes) = raw.get(topic_end..pos) else {
+            // Truncated in the packet identifier: a bad topic is still the error to report.
+            check_topic(&raw[topic_at..topic_end], v5)?;
             return Err(DecodeError::UnexpectedEof);
         };
-        if check_str_scan(name)?.has_wildcard {
-            return Err(DecodeError::InvalidTopicName(
-                TopicError::WildcardInTopicName,
-            ));
+        // Two bytes with QoS 1 and 2, none with QoS 0 (then unused).
+        let id = match id_bytes {
+            [hi, lo] => u16::from_be_bytes([*hi, *lo]),
+            _ => 0,
+        };
+        // Then the handles, and only then the topic check: the check's work separates the
+        // (out-of-line) advance's stores from the copy of the handle into the result, which
+        // otherwise stalls on store forwarding.
+        let topic = frame.slice(topic_at..topic_end);
+        if !v5 {
+            frame.advance(pos);
         }
-        if topic_len == 0 && !version.is_v5() {
-            return Err(DecodeError::InvalidTopicName(TopicError::Empty));
-        }
+        check_topic(&topic, v5)?;
+        let topic = Topic::from_checked(MqttString::from_checked(topic));
         let packet_id = if qos == QoS::AtMostOnce {
             None
         } else {
-            let Some(b) = raw.get(pos..pos + 2) else {
-                return Err(DecodeError::UnexpectedEof);
-            };
-            pos += 2;
-            Some(PacketId::new(u16::from_be_bytes([b[0], b[1]])).ok_or(DecodeError::ZeroPacketId)?)
+            Some(PacketId::new(id).ok_or(DecodeError::ZeroPacketId)?)
         };
-        let topic = Topic::from_checked(MqttString::from_checked(
-            frame.slice(topic_at..topic_at + topic_len),
-        ));
-        if version.is_v5() {
+        if v5 {
             let mut r = Reader::at(frame, pos);
             let properties = PublishProperties::decode(&mut r)?;
             if topic.is_empty() && properties.topic_alias.is_none() {
@@ -111,8 +122,6 @@ impl Publish {
                 payload,
             })));
         }
-        let mut payload = frame;
-        payload.advance(pos);
         Ok(Some(Packet::Publish(Self {
             dup,
             qos,
@@ -120,7 +129,7 @@ impl Publish {
             topic,
             packet_id,
             properties: PublishProperties::default(),
-            payload,
+            payload: frame,
         })))
     }
 
@@ -241,4 +250,19 @@ impl Publish {
         }
         buf.put_slice(&self.payload);
     }
+}
+
+/// The Topic Name rules on raw bytes: an MQTT string without wildcards, empty only in 5.0
+/// (where a Topic Alias must then be present, checked with the properties).
+#[inline(always)]
+fn check_topic(name: &[u8], v5: bool) -> Result<(), DecodeError> {
+    if check_str_scan(name)?.has_wildcard {
+        return Err(DecodeError::InvalidTopicName(
+            TopicError::WildcardInTopicName,
+        ));
+    }
+    if name.is_empty() && !v5 {
+        return Err(DecodeError::InvalidTopicName(TopicError::Empty));
+    }
+    Ok(())
 }

@@ -109,16 +109,10 @@ fn scan_words(bytes: &[u8]) -> (bool, bool, bool) {
 #[inline(always)]
 fn scan_sse2(bytes: &[u8]) -> (bool, bool, bool) {
     use std::arch::x86_64::{
-        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
         _mm_setzero_si128,
     };
     debug_assert!(bytes.len() >= 16);
-    let load = |c: &[u8]| -> __m128i {
-        let c: &[u8; 16] = c.try_into().unwrap_or(&[b'a'; 16]);
-        // SAFETY: `c` is a 16-byte array, exactly what an unaligned 128-bit load reads, and
-        // SSE2 is enabled for this build.
-        unsafe { _mm_loadu_si128(c.as_ptr().cast()) }
-    };
     // SAFETY: SSE2 is enabled for this build (the `cfg` above; it is part of the x86_64
     // baseline), so its register-only intrinsics may be called.
     let (zero, bit3, plus) = unsafe {
@@ -129,22 +123,27 @@ fn scan_sse2(bytes: &[u8]) -> (bool, bool, bool) {
         )
     };
     let (mut hi, mut nul, mut wild) = (zero, zero, zero);
-    let mut word = |v: __m128i| {
-        // SAFETY: as above, SSE2 is enabled; these read and write registers only.
+    // Full chunks, then the last sixteen bytes (overlapping the previous chunk when the
+    // length is not a multiple of 16; re-reading bytes does not change the answers).
+    let last = bytes.len() - 16;
+    let mut at = 0;
+    loop {
+        let start = at.min(last);
+        let chunk = &bytes[start..start + 16];
+        // SAFETY: `chunk` holds 16 bytes, exactly what the unaligned 128-bit load reads; the
+        // rest only reads and writes registers. SSE2 is enabled, as above.
         unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
             hi = _mm_or_si128(hi, v);
             nul = _mm_or_si128(nul, _mm_cmpeq_epi8(v, zero));
             // `+` (0x2B) and `#` (0x23) differ only in bit 3, and no other byte becomes 0x2B
             // when that bit is set: one comparison finds both.
             wild = _mm_or_si128(wild, _mm_cmpeq_epi8(_mm_or_si128(v, bit3), plus));
         }
-    };
-    let mut chunks = bytes.chunks_exact(16);
-    for c in &mut chunks {
-        word(load(c));
-    }
-    if !chunks.remainder().is_empty() {
-        word(load(&bytes[bytes.len() - 16..]));
+        if start == last {
+            break;
+        }
+        at += 16;
     }
     // SAFETY: as above, SSE2 is enabled; register-only.
     unsafe {

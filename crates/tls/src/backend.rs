@@ -484,7 +484,9 @@ extern "C" fn ngtcp2_crypto_cipher_ctx_free(cipher_ctx: *mut ngtcp2_crypto_ciphe
     })
 }
 
-fn hkdf(
+/// HKDF through `EVP_PKEY_derive`: one algorithm fetch and a fresh context per call. The
+/// fallback when [`hkdf_dup`] cannot set up its templates.
+fn hkdf_pkey(
     mode: HkdfMode,
     md: &MdRef,
     dest: &mut [u8],
@@ -510,6 +512,170 @@ fn hkdf(
     Ok(())
 }
 
+/// The HKDF algorithm, fetched once per process (null if the provider lacks it).
+fn hkdf_kdf() -> *mut ffi::EVP_KDF {
+    static KDF: OnceLock<usize> = OnceLock::new();
+    *KDF.get_or_init(|| {
+        // SAFETY: NUL-terminated name; null library context and properties mean the defaults.
+        unsafe { ffi::EVP_KDF_fetch(ptr::null_mut(), c"HKDF".as_ptr(), ptr::null()) as usize }
+    }) as *mut ffi::EVP_KDF
+}
+
+/// HKDF contexts with digest and mode already set, one per (digest, mode) used on this thread.
+/// A derivation duplicates one: no algorithm fetch and no digest-name lookup per call, which
+/// `EVP_PKEY_derive` pays (ngtcp2 derives ~40 keys, IVs and HP keys per connection and side).
+/// Per thread because OpenSSL does not document concurrent duplication of a shared context.
+struct HkdfTemplates(Vec<(*const ffi::EVP_MD, c_int, *mut ffi::EVP_KDF_CTX)>);
+
+impl Drop for HkdfTemplates {
+    fn drop(&mut self) {
+        for &(_, _, ctx) in &self.0 {
+            // SAFETY: made by EVP_KDF_CTX_new below, owned here, freed once.
+            unsafe { ffi::EVP_KDF_CTX_free(ctx) };
+        }
+    }
+}
+
+thread_local! {
+    static HKDF_TEMPLATES: std::cell::RefCell<HkdfTemplates> =
+        const { std::cell::RefCell::new(HkdfTemplates(Vec::new())) };
+}
+
+/// A new template for `md` and `mode`, or null.
+fn hkdf_template(md: &MdRef, mode: c_int) -> *mut ffi::EVP_KDF_CTX {
+    let kdf = hkdf_kdf();
+    if kdf.is_null() {
+        return ptr::null_mut();
+    }
+    // SAFETY: md is a live static digest; the name is static and NUL-terminated.
+    let name = unsafe { ossl::EVP_MD_get0_name(md.as_ptr()) };
+    if name.is_null() {
+        return ptr::null_mut();
+    }
+    // SAFETY: kdf is a fetched algorithm that lives for the process.
+    let ctx = unsafe { ffi::EVP_KDF_CTX_new(kdf) };
+    if ctx.is_null() {
+        return ptr::null_mut();
+    }
+    let mut mode = mode;
+    // SAFETY: `name` is NUL-terminated; OpenSSL copies what it keeps.
+    let name_len = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes().len();
+    let params = [
+        ossl::param(
+            ossl::OSSL_KDF_PARAM_MODE,
+            ossl::OSSL_PARAM_INTEGER,
+            (&mut mode as *mut c_int).cast(),
+            size_of::<c_int>(),
+        ),
+        ossl::param(
+            ossl::OSSL_KDF_PARAM_DIGEST,
+            ossl::OSSL_PARAM_UTF8_STRING,
+            name as *mut c_void,
+            name_len,
+        ),
+        ossl::param_end(),
+    ];
+    // SAFETY: live context; the parameters point at live locals for the duration of the call.
+    if unsafe { ossl::EVP_KDF_CTX_set_params(ctx, params.as_ptr()) } != 1 {
+        // SAFETY: allocated above, unused afterwards.
+        unsafe { ffi::EVP_KDF_CTX_free(ctx) };
+        return ptr::null_mut();
+    }
+    ctx
+}
+
+/// HKDF by duplicating this thread's template for (`md`, `mode`); `None` if no template could
+/// be made (the caller falls back to [`hkdf_pkey`]).
+fn hkdf_dup(
+    mode: c_int,
+    md: &MdRef,
+    dest: &mut [u8],
+    key: &[u8],
+    salt: Option<&[u8]>,
+    info: &[u8],
+) -> Option<bool> {
+    let md_ptr = md.as_ptr() as *const ffi::EVP_MD;
+    let ctx = HKDF_TEMPLATES
+        .try_with(|cell| {
+            let mut templates = cell.try_borrow_mut().ok()?;
+            let template = match templates.0.iter().find(|t| t.0 == md_ptr && t.1 == mode) {
+                Some(t) => t.2,
+                None => {
+                    let t = hkdf_template(md, mode);
+                    if t.is_null() {
+                        return None;
+                    }
+                    templates.0.push((md_ptr, mode, t));
+                    t
+                }
+            };
+            // SAFETY: the template is live (owned by this thread's table) and only read.
+            let ctx = unsafe { ossl::EVP_KDF_CTX_dup(template) };
+            (!ctx.is_null()).then_some(ctx)
+        })
+        .ok()
+        .flatten()?;
+    // Empty inputs still need a valid pointer.
+    static EMPTY: u8 = 0;
+    let octets = |key: &'static std::ffi::CStr, data: &[u8]| {
+        let ptr = if data.is_empty() {
+            &EMPTY as *const u8
+        } else {
+            data.as_ptr()
+        };
+        ossl::param(
+            key,
+            ossl::OSSL_PARAM_OCTET_STRING,
+            ptr as *mut c_void,
+            data.len(),
+        )
+    };
+    let mut params = [
+        octets(ossl::OSSL_KDF_PARAM_KEY, key),
+        ossl::param_end(),
+        ossl::param_end(),
+        ossl::param_end(),
+    ];
+    let mut n = 1;
+    if let Some(salt) = salt {
+        params[n] = octets(ossl::OSSL_KDF_PARAM_SALT, salt);
+        n += 1;
+    }
+    if !info.is_empty() {
+        params[n] = octets(ossl::OSSL_KDF_PARAM_INFO, info);
+    }
+    // SAFETY: ctx is our fresh duplicate; dest is writable for its length; the parameters point
+    // at live slices for the duration of the call (OpenSSL copies them, and only reads them).
+    let ok =
+        unsafe { ffi::EVP_KDF_derive(ctx, dest.as_mut_ptr(), dest.len(), params.as_ptr()) } == 1;
+    // SAFETY: the duplicate is ours and unused afterwards.
+    unsafe { ffi::EVP_KDF_CTX_free(ctx) };
+    Some(ok)
+}
+
+/// HKDF in `mode` (an `EVP_KDF_HKDF_MODE_*` value).
+fn hkdf(
+    mode: c_int,
+    md: &MdRef,
+    dest: &mut [u8],
+    key: &[u8],
+    salt: Option<&[u8]>,
+    info: &[u8],
+) -> Result<(), openssl::error::ErrorStack> {
+    match hkdf_dup(mode, md, dest, key, salt, info) {
+        Some(true) => Ok(()),
+        Some(false) => Err(openssl::error::ErrorStack::get()),
+        None => {
+            let mode = match mode {
+                ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY => HkdfMode::EXTRACT_ONLY,
+                ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY => HkdfMode::EXPAND_ONLY,
+                _ => HkdfMode::EXTRACT_THEN_EXPAND,
+            };
+            hkdf_pkey(mode, md, dest, key, salt, info)
+        }
+    }
+}
+
 #[unsafe(no_mangle)]
 extern "C" fn ngtcp2_crypto_hkdf_extract(
     dest: *mut u8,
@@ -525,7 +691,7 @@ extern "C" fn ngtcp2_crypto_hkdf_extract(
             let md = md_of(md);
             let out = std::slice::from_raw_parts_mut(dest, md.size());
             match hkdf(
-                HkdfMode::EXTRACT_ONLY,
+                ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY,
                 md,
                 out,
                 slice(secret, secretlen),
@@ -554,7 +720,7 @@ extern "C" fn ngtcp2_crypto_hkdf_expand(
         unsafe {
             let out = std::slice::from_raw_parts_mut(dest, destlen);
             match hkdf(
-                HkdfMode::EXPAND_ONLY,
+                ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY,
                 md_of(md),
                 out,
                 slice(secret, secretlen),
@@ -586,7 +752,7 @@ extern "C" fn ngtcp2_crypto_hkdf(
             let out = std::slice::from_raw_parts_mut(dest, destlen);
             let salt = slice(salt, saltlen);
             match hkdf(
-                HkdfMode::EXTRACT_THEN_EXPAND,
+                ossl::EVP_KDF_HKDF_MODE_EXTRACT_AND_EXPAND,
                 md_of(md),
                 out,
                 slice(secret, secretlen),

@@ -1,12 +1,14 @@
 //! Durability of the real `mqttd` binary with its default storage (redb, `durability = "sync"`):
 //! SIGKILL at seeded random moments while rumqttc clients publish, restart on the same data
 //! directory, check that nothing acknowledged was lost. Plus the startup faults (a locked data
-//! directory, a corrupted database file) and a failing commit through a fault-injecting store.
+//! directory, a corrupted database file), a failing commit through a fault-injecting store, and a
+//! real full disk (a small tmpfs, when the tests may mount one).
 //!
 //! `MQTTD_CRASH_SEED` picks another seed; `MQTTD_CRASH_DURABILITY=none` runs the crash test
 //! against `durability = "none"` to see it fail (acknowledgements sent before anything is stored).
 
 mod crash;
+mod disk_full;
 mod faults;
 
 use std::io::{BufRead, BufReader};

@@ -158,3 +158,132 @@ async fn server_reads_0rtt_data_before_the_handshake_and_answers_a_round_trip_so
     .await
     .expect("timed out");
 }
+
+/// 0.5-RTT data is still bound by the anti-amplification limit: a resumed client sends its
+/// first flight (Initial + a 0-RTT request for a large answer) and then goes silent; the early
+/// server starts answering but sends at most 3x what it received, since the client's address
+/// is not validated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_rtt_answer_stays_within_the_amplification_limit() {
+    use mqttd_quic::proto::{self, Path};
+    use tokio::net::UdpSocket;
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = Endpoint::server(pki.server_config(), localhost()).expect("server");
+        let addr = server.local_addr();
+        let (tx, mut read_early) = mpsc::unbounded_channel();
+        {
+            let server = server.clone();
+            tokio::spawn(async move {
+                while let Some(connecting) = server.accept().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let Ok((conn, _)) = connecting.into_0rtt() else {
+                            return;
+                        };
+                        let (mut send, mut recv) = match conn.accept_bi().await {
+                            Ok(s) => s,
+                            Err(_) => return,
+                        };
+                        let Ok(request) = recv.read_to_end(1024).await else {
+                            return;
+                        };
+                        let _ = tx.send((request.clone(), !conn.is_handshake_complete()));
+                        if request == b"big" {
+                            let _ = send.write_all(&vec![7u8; 256 << 10]).await;
+                            let _ = send.finish();
+                        }
+                        conn.closed().await;
+                    });
+                }
+            });
+        }
+        // A ticket (with the server's 0-RTT transport parameters) from a full handshake.
+        let cfg = pki.client_config();
+        let client = Endpoint::client(localhost()).expect("client");
+        let conn = client
+            .connect(&cfg, addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut s, _r) = conn.open_bi().await.expect("open");
+        s.write_all(b"warm").await.expect("write");
+        s.finish().expect("finish");
+        for _ in 0..200 {
+            if cfg.tls.has_ticket("localhost") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(cfg.tls.has_ticket("localhost"), "no ticket");
+        conn.close(0, b"");
+
+        // The resumed client's first flight, sent by hand; then silence.
+        let sock = UdpSocket::bind(localhost()).await.expect("bind");
+        let path = Path {
+            local: sock.local_addr().expect("addr"),
+            remote: addr,
+        };
+        let mut c = proto::Connection::client(&cfg, "localhost", path, std::time::Instant::now(), [5; 32])
+            .expect("client connection");
+        assert!(c.is_zero_rtt(), "resumption with 0-RTT expected");
+        let id = c.open_bi().expect("stream in 0-RTT");
+        c.stream_write(id, b"big").expect("write");
+        c.stream_finish(id).expect("finish");
+        let mut received_by_server = 0;
+        let mut buf = Vec::new();
+        // The first flight may take a few datagrams (a post-quantum key share makes the
+        // ClientHello larger than one) and ngtcp2 paces them: run its short timers, stop at
+        // the first long one (loss recovery), which a silent client never reaches.
+        let flight_end = std::time::Instant::now() + Duration::from_millis(200);
+        loop {
+            let now = std::time::Instant::now();
+            while let Some(t) = c.poll_transmit(now, &mut buf, 1) {
+                sock.send_to(&buf[..t.size], addr).await.expect("send");
+                received_by_server += t.size;
+            }
+            match c.poll_timeout() {
+                Some(t) if t <= now + Duration::from_millis(30) && t < flight_end => {
+                    tokio::time::sleep_until(t.into()).await;
+                    c.handle_timeout(std::time::Instant::now());
+                }
+                _ => break,
+            }
+        }
+        let mut sent_by_server = 0;
+        let mut half_rtt_datagrams = 0;
+        let mut dgram = vec![0u8; 65536];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout_at(deadline, sock.recv_from(&mut dgram)).await
+        {
+            sent_by_server += n;
+            // A short header: a 1-RTT packet, i.e. 0.5-RTT data before the handshake.
+            if dgram[0] & 0x80 == 0 {
+                half_rtt_datagrams += 1;
+            }
+        }
+        eprintln!("client sent {received_by_server} bytes, server sent {sent_by_server} ({half_rtt_datagrams} datagrams of 0.5-RTT data)");
+        let early = loop {
+            match read_early.try_recv() {
+                Ok((request, early)) if request == b"big" => break early,
+                Ok(_) => continue,
+                Err(_) => panic!("the server did not read the 0-RTT request"),
+            }
+        };
+        assert!(
+            early,
+            "the server read the request before the handshake completed"
+        );
+        assert!(
+            half_rtt_datagrams > 0,
+            "the server sent no 0.5-RTT data before the handshake"
+        );
+        assert!(
+            sent_by_server <= 3 * received_by_server,
+            "amplification: received {received_by_server}, sent {sent_by_server}"
+        );
+    })
+    .await
+    .expect("timed out");
+}

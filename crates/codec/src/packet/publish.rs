@@ -106,21 +106,7 @@ impl Publish {
             Some(PacketId::new(id).ok_or(DecodeError::ZeroPacketId)?)
         };
         if v5 {
-            let mut r = Reader::at(frame, pos);
-            let properties = PublishProperties::decode(&mut r)?;
-            if topic.is_empty() && properties.topic_alias.is_none() {
-                return Err(DecodeError::EmptyTopicWithoutAlias);
-            }
-            let payload = r.rest();
-            return Ok(Some(Packet::Publish(Self {
-                dup,
-                qos,
-                retain,
-                topic,
-                packet_id,
-                properties,
-                payload,
-            })));
+            return Self::decode_v5_rest(dup, qos, retain, topic, packet_id, frame, pos);
         }
         Ok(Some(Packet::Publish(Self {
             dup,
@@ -130,6 +116,35 @@ impl Publish {
             packet_id,
             properties: PublishProperties::default(),
             payload: frame,
+        })))
+    }
+
+    /// The 5.0 rest of [`Publish::decode_some`]: properties from `pos`, then the payload. Out
+    /// of line, so that the 3.1.1 path keeps a small stack frame.
+    #[inline(never)]
+    fn decode_v5_rest(
+        dup: bool,
+        qos: QoS,
+        retain: bool,
+        topic: Topic,
+        packet_id: Option<PacketId>,
+        frame: Bytes,
+        pos: usize,
+    ) -> Result<Option<Packet>, DecodeError> {
+        let mut r = Reader::at(frame, pos);
+        let properties = PublishProperties::decode(&mut r)?;
+        if topic.is_empty() && properties.topic_alias.is_none() {
+            return Err(DecodeError::EmptyTopicWithoutAlias);
+        }
+        let payload = r.rest();
+        Ok(Some(Packet::Publish(Self {
+            dup,
+            qos,
+            retain,
+            topic,
+            packet_id,
+            properties,
+            payload,
         })))
     }
 

@@ -105,8 +105,9 @@ fn ab<I>(
     let rounds = rounds();
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        let mut ia: Vec<I> = (0..calls).map(|_| setup()).collect();
-        let mut ib: Vec<I> = (0..calls).map(|_| setup()).collect();
+        // Inputs built alternately, so neither side's are systematically older (colder in
+        // the cache) than the other's.
+        let (mut ia, mut ib): (Vec<I>, Vec<I>) = (0..calls).map(|_| (setup(), setup())).unzip();
         let mut time_a = || {
             let t = Instant::now();
             ia.iter_mut().for_each(&mut a);

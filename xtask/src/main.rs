@@ -6,7 +6,8 @@
 //! - `bindgen [--check]` — regenerate (or check) the committed FFI bindings;
 //! - `run [ARGS…]` — build and start the `mqttd` broker with ARGS;
 //! - `test`    — everything CI checks: fmt, clippy, bindings, the workspace tests;
-//! - `bench broker [--duration-secs N] [--reps N]` — the broker benchmark matrix into `bench/results/`.
+//! - `bench broker [--duration-secs N] [--reps N] [--only broker,quic,storage]` — the broker
+//!   benchmark matrix (TCP peers, MQTT over QUIC, durable storage) into `bench/results/`.
 //!
 //! The xtask is never a runtime dependency of any crate.
 

@@ -64,6 +64,8 @@ pub struct Conn<T: Transport> {
     /// The broker's Receive Maximum (65535 when it announced none).
     pub receive_maximum: u16,
     keep_alive: Duration,
+    /// When the transport sent the connection's first packet.
+    pub began: Instant,
 }
 
 fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> Result<()> {
@@ -99,7 +101,7 @@ impl<T: Transport> Conn<T> {
         keep_alive: u16,
         persistent: bool,
     ) -> Result<Self> {
-        let (reader, writer) = transport
+        let (reader, writer, began) = transport
             .connect(addr)
             .await
             .with_context(|| format!("{client_id}: cannot connect to {addr}"))?;
@@ -114,6 +116,7 @@ impl<T: Transport> Conn<T> {
             version,
             receive_maximum: u16::MAX,
             keep_alive: Duration::from_secs(keep_alive.into()),
+            began: Instant::from_std(began),
         };
         let mut connect = Connect::new(version, id, keep_alive);
         if persistent {

@@ -81,7 +81,7 @@ async fn quic_transport(connect: &ConnectOpts) -> anyhow::Result<Quic> {
                 .clone()
                 .unwrap_or_else(|| connect.host.clone()),
             endpoints: usize::from(connect.quic_endpoints),
-            resume: connect.quic_resume,
+            full_handshake: connect.quic_full_handshake,
             idle_timeout: idle,
             qlog_dir: connect.quic_qlog.clone(),
         },

@@ -61,7 +61,7 @@ pub struct Summary {
     pub connect_failures: u64,
     /// Connections per second over the connect phase.
     pub connect_rate: f64,
-    /// TCP connect to CONNACK, microseconds.
+    /// First packet (TCP SYN, QUIC Initial) to CONNACK, microseconds.
     pub connect_latency_us: Percentiles,
     /// PUBLISHes written.
     pub sent: u64,

@@ -61,10 +61,9 @@ struct Dial<T: Transport> {
 
 impl<T: Transport> Dial<T> {
     /// Connects client number `k` (for pacing) named `role-n`; returns the connection and the
-    /// time from the attempt to its CONNACK.
+    /// time from its first packet to its CONNACK.
     async fn connect(&self, k: u64, role: &str, n: u32) -> Result<(Conn<T>, Duration)> {
         let permit = self.pacer.admit(k).await;
-        let began = Instant::now();
         let id = format!("{}-{role}-{n}", self.opts.client_id_prefix);
         let conn = Conn::connect(
             &self.transport,
@@ -77,7 +76,8 @@ impl<T: Transport> Dial<T> {
         .await?;
         drop(permit);
         self.counters.connected.fetch_add(1, Relaxed);
-        Ok((conn, began.elapsed()))
+        let took = conn.began.elapsed();
+        Ok((conn, took))
     }
 }
 

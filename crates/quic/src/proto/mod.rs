@@ -1,6 +1,6 @@
 //! The sans-IO layer: protocol state fed with datagrams and time, drained of datagrams, timers
-//! and events. No sockets, no clock, no tasks (the quinn-proto shape); the tokio layer in
-//! [`crate::endpoint`] drives it.
+//! and events. No sockets, no clock, no tasks (the quinn-proto shape); the tokio layer
+//! ([`Endpoint`](crate::Endpoint)) drives it.
 
 mod connection;
 pub mod packet;

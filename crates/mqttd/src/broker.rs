@@ -20,7 +20,7 @@
 
 use std::cmp::Reverse;
 use std::cmp::{max, min};
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 use std::sync::Arc;
@@ -36,7 +36,7 @@ use crate::config::{Anonymous, Limits};
 use crate::message::{Message, SharedMessage};
 use crate::metrics::Metrics;
 use crate::retain::RetainStore;
-use crate::router::{ClientId, Router, parse_filter, validate_topic_name};
+use crate::router::{ClientId, FastMap, FastSet, Router, parse_filter, validate_topic_name};
 use crate::session::{Link, Session, WillSpec};
 use crate::store::{Delivery, PendingWill, Store, StoreError, Subscription};
 
@@ -95,13 +95,14 @@ pub struct Broker<S: Store> {
     opts: BrokerOptions,
     router: Router<Subscription>,
     retained: RetainStore<SharedMessage>,
-    sessions: HashMap<ClientId, Session>,
-    conns: HashMap<ConnId, ClientId>,
+    /// Boxed: a map slot is a pointer, so the table's spare slots cost little.
+    sessions: FastMap<ClientId, Box<Session>>,
+    conns: FastMap<ConnId, ClientId>,
     store: S,
     metrics: Arc<Metrics>,
     transmits: VecDeque<(ConnId, Transmit)>,
-    dirty: HashSet<ClientId>,
-    scratch: HashMap<ClientId, Aggregate>,
+    dirty: FastSet<ClientId>,
+    scratch: FastMap<ClientId, Aggregate>,
     assigned_ids: u64,
     boot_id: u64,
     /// `store.is_persistent()`, read once.
@@ -141,7 +142,7 @@ impl<S: Store> Broker<S> {
         now: Instant,
     ) -> Result<Self, StoreError> {
         let mut router = Router::new();
-        let mut sessions = HashMap::new();
+        let mut sessions = FastMap::default();
         let mut timers = BinaryHeap::new();
         for mut state in store.load_sessions()? {
             for (filter, sub) in &state.subscriptions {
@@ -165,7 +166,10 @@ impl<S: Store> Broker<S> {
                     Timer::Will(state.client_id.clone()),
                 )));
             }
-            sessions.insert(state.client_id.clone(), Session { state, link: None });
+            sessions.insert(
+                state.client_id.clone(),
+                Box::new(Session { state, link: None }),
+            );
         }
         let mut retained = RetainStore::new();
         for m in store.load_retained()? {
@@ -184,12 +188,12 @@ impl<S: Store> Broker<S> {
             router,
             retained,
             sessions,
-            conns: HashMap::new(),
+            conns: FastMap::default(),
             store,
             metrics,
             transmits: VecDeque::new(),
-            dirty: HashSet::new(),
-            scratch: HashMap::new(),
+            dirty: FastSet::default(),
+            scratch: FastMap::default(),
             assigned_ids: 0,
             boot_id: {
                 use std::hash::{BuildHasher, Hasher};
@@ -297,7 +301,7 @@ impl<S: Store> Broker<S> {
                     return self.refuse(conn, ReasonCode::TopicNameInvalid, "invalid will topic");
                 }
                 let p = &w.properties;
-                Some(WillSpec {
+                Some(Box::new(WillSpec {
                     message: Message {
                         topic: w.topic.clone(),
                         payload: w.payload.clone(),
@@ -316,7 +320,7 @@ impl<S: Store> Broker<S> {
                     },
                     expiry_interval: p.message_expiry_interval,
                     delay: p.will_delay_interval.unwrap_or(0),
-                })
+                }))
             }
         };
         let props = &connect.properties;
@@ -355,7 +359,7 @@ impl<S: Store> Broker<S> {
         let mut session_present = false;
         if connect.clean_start {
             if let Some(old) = self.sessions.remove(&client_id) {
-                self.forget_session(old, now, &mut wills);
+                self.forget_session(*old, now, &mut wills);
             }
         } else if let Some(s) = self.sessions.get_mut(&client_id) {
             session_present = true;
@@ -364,7 +368,7 @@ impl<S: Store> Broker<S> {
         let session = self
             .sessions
             .entry(client_id.clone())
-            .or_insert_with(|| Session::new(client_id.clone(), expiry));
+            .or_insert_with(|| Box::new(Session::new(client_id.clone(), expiry)));
         session.state.expiry_interval = expiry;
         session.state.expires_at = None;
 
@@ -385,8 +389,8 @@ impl<S: Store> Broker<S> {
             )),
             max_packet_size: props.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
             alias_max_out: props.topic_alias_maximum.unwrap_or(0),
-            aliases_in: HashMap::new(),
-            aliases_out: HashMap::new(),
+            aliases_in: Default::default(),
+            aliases_out: Default::default(),
             in_transit: 0,
             will,
             problem_info: props.request_problem_information.unwrap_or(true),
@@ -540,7 +544,7 @@ impl<S: Store> Broker<S> {
         // Callers hold a client id taken from `conns`, whose session always exists.
         self.sessions
             .entry(client_id.clone())
-            .or_insert_with(|| Session::new(client_id.clone(), 0))
+            .or_insert_with(|| Box::new(Session::new(client_id.clone(), 0)))
     }
 
     fn after_ack(&mut self, client_id: &ClientId, now: Instant) {
@@ -905,7 +909,7 @@ impl<S: Store> Broker<S> {
         }
         if expiry == 0 {
             if let Some(old) = self.sessions.remove(&client_id) {
-                self.forget_session(old, now, &mut wills);
+                self.forget_session(*old, now, &mut wills);
             }
         } else {
             if expiry != u32::MAX {
@@ -983,7 +987,7 @@ impl<S: Store> Broker<S> {
                     if due && let Some(old) = self.sessions.remove(&client) {
                         tracing::debug!(client = %client, "session expired");
                         let mut wills = Vec::new();
-                        self.forget_session(old, now, &mut wills);
+                        self.forget_session(*old, now, &mut wills);
                         for (m, exp) in wills {
                             self.publish_will(m, exp, now);
                         }

@@ -5,18 +5,16 @@
 //! The `$`-topic rule applies here too: a filter starting with `+` or `#` does not return
 //! topics whose first level starts with `$`.
 
-use std::collections::HashMap;
-
 #[derive(Debug)]
 struct Node<V> {
-    children: HashMap<Box<str>, Node<V>>,
+    children: crate::router::FastMap<Box<str>, Node<V>>,
     value: Option<V>,
 }
 
 impl<V> Default for Node<V> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: crate::router::FastMap::default(),
             value: None,
         }
     }

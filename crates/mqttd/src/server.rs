@@ -5,17 +5,23 @@
 //! - The listener accepts while a connection permit is free (`max_connections`); over the limit
 //!   a connection is closed at once and counted.
 //! - A connection is any byte stream plus a peer address ([`serve_connection`] is generic over
-//!   `AsyncRead + AsyncWrite`): its reader half decodes packets and sends them to the core over
-//!   the bounded event channel (so a fast publisher is slowed by TCP back-pressure, never the
-//!   core); its writer half drains a bounded per-connection channel of [`Transmit`]s, encodes
-//!   them in batches and reports how many PUBLISHes it wrote (the core's credit).
-//! - The core task is the only owner of the `Broker`. It never awaits a connection: it uses
-//!   `try_send`; a connection whose channel is full even for control packets is killed.
+//!   `AsyncRead + AsyncWrite`), served by ONE task: it decodes packets and sends them to the
+//!   core over the bounded event channel (so a fast publisher is slowed by TCP back-pressure,
+//!   never the core), and at the same time writes what the core queued for it in its [`Outq`]
+//!   (a plain queue taken whole per wake-up, encoded into one buffer, written with as few
+//!   syscalls as the socket allows), reporting how many PUBLISHes it wrote (the core's credit).
+//! - Idle connections hold almost nothing: no read or encode buffer while nothing arrives or
+//!   is sent, an empty queue, the handshake's state boxed apart and freed. Busy ones read in
+//!   chunks that grow to 64 KiB.
+//! - The core task is the only owner of the `Broker`. It never awaits a connection: it pushes
+//!   onto the connection's queue; a connection whose queue is full even for control packets is
+//!   killed. It hands transmits over once per batch of events, so a connection is woken once
+//!   with everything the batch produced for it.
 //! - Shutdown: a `watch` flips; the listener stops accepting, the core sends DISCONNECT 0x8B to
 //!   5.0 clients and closes every connection; writers flush what is queued; `run` returns when
 //!   every connection task has ended (a counted drop of an mpsc sender) or the grace time is up.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +38,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use crate::broker::{Broker, BrokerOptions, CloseReason, ConnId, InFlightCommit, Transmit};
 use crate::config::{Config, Durability, Limits};
 use crate::metrics::Metrics;
+use crate::router::FastMap;
 use crate::store::Store;
 
 /// An input to the core task.
@@ -45,10 +52,8 @@ pub enum Event {
         peer: SocketAddr,
         /// The decoded CONNECT.
         connect: Box<Connect>,
-        /// Where the core sends its packets.
-        tx: mpsc::Sender<Box<Transmit>>,
-        /// Kills the connection when it cannot keep up.
-        kill: Arc<Notify>,
+        /// Where the core sends its packets (and how it kills the connection).
+        queue: ConnQueue,
     },
     /// A packet on an established connection.
     Packet {
@@ -84,7 +89,8 @@ pub enum Event {
 #[derive(Clone, Debug)]
 pub struct ConnContext {
     events: mpsc::Sender<Event>,
-    limits: Limits,
+    /// Shared: every connection task holds a context.
+    limits: Arc<Limits>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     next_conn: Arc<AtomicU64>,
@@ -225,7 +231,7 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
     let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
     let ctx = ConnContext {
         events: events_tx,
-        limits: config.limits.clone(),
+        limits: Arc::new(config.limits.clone()),
         metrics: metrics.clone(),
         permits: Arc::new(Semaphore::new(config.limits.max_connections)),
         next_conn: Arc::new(AtomicU64::new(0)),
@@ -324,27 +330,62 @@ where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let max = ctx.limits.max_packet_size as usize;
     // Small at first: most connections are idle most of the time; it grows with the packets.
-    let mut buf = BytesMut::with_capacity(512);
-    let connect = match tokio::time::timeout(
+    let mut buf = BytesMut::with_capacity(READ_MIN);
+    // Boxed: what only the handshake needs (its timer, the CONNECT) is freed once it is done
+    // instead of staying in every connection's task for its whole life.
+    let Some(connect) = Box::pin(handshake(&mut rd, &mut wr, &mut buf, peer, &ctx)).await else {
+        return;
+    };
+    let version = connect.protocol_version;
+    let capacity = ctx.limits.connection_buffer + 2 * usize::from(ctx.limits.max_inflight) + 64;
+    let queue = ConnQueue::new(capacity);
+    let out = queue.0.clone();
+    let event = Event::Connect {
+        conn,
+        peer,
+        connect,
+        queue,
+    };
+    if !send_event(&ctx.events, event).await {
+        return;
+    }
+    drive(rd, wr, buf, &out, version, conn, peer, &ctx).await;
+    drop(ctx);
+}
+
+/// Reads the CONNECT (within `connect_timeout`); a bad one is answered with the CONNACK its
+/// error calls for and the connection is closed (`None`).
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+    ctx: &ConnContext,
+) -> Option<Box<Connect>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = ctx.limits.max_packet_size as usize;
+    match tokio::time::timeout(
         ctx.limits.connect_timeout,
-        read_connect(&mut rd, &mut buf, max, &ctx.metrics),
+        read_connect(rd, buf, max, &ctx.metrics),
     )
     .await
     {
         Err(_) => {
             tracing::debug!(%peer, "no CONNECT in time");
-            return;
+            None
         }
-        Ok(Ok(Some(c))) => c,
-        Ok(Ok(None)) => return,
+        Ok(Ok(Some(c))) => Some(Box::new(c)),
+        Ok(Ok(None)) => None,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "bad CONNECT");
             // 3.1.1 has return codes for two CONNECT errors; 5.0 has a reason code for all.
             let reply = if let Some(code) = e.connack_code_v3() {
                 ReasonCode::from_v3_connack(code).map(|rc| (ProtocolVersion::V3_1_1, rc))
-            } else if announced_level(&buf) == Some(5) {
+            } else if announced_level(buf) == Some(5) {
                 Some((ProtocolVersion::V5, e.reason_code()))
             } else {
                 None
@@ -359,78 +400,303 @@ where
                 }
             }
             let _ = wr.shutdown().await;
-            return;
+            None
         }
-    };
-    let version = connect.protocol_version;
-    let capacity = ctx.limits.connection_buffer + 2 * usize::from(ctx.limits.max_inflight) + 64;
-    let (tx, rx) = mpsc::channel(capacity);
-    let kill = Arc::new(Notify::new());
-    let event = Event::Connect {
-        conn,
-        peer,
-        connect: Box::new(connect),
-        tx,
-        kill: kill.clone(),
-    };
-    if ctx.events.send(event).await.is_err() {
-        return;
     }
-    let mut writer = tokio::spawn(write_loop(
-        wr,
-        rx,
-        version,
-        conn,
-        ctx.events.clone(),
-        ctx.metrics.clone(),
-    ));
-    let mut writer_done = false;
-    'read: loop {
-        loop {
-            match decode(&mut buf, version, max) {
-                Ok(Some(packet)) => {
-                    if ctx
-                        .events
-                        .send(Event::Packet { conn, packet })
-                        .await
-                        .is_err()
-                    {
-                        break 'read;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(%peer, conn, error = %e, "malformed packet");
-                    let _ = ctx
-                        .events
-                        .send(Event::ProtocolError {
+}
+
+/// Sends an event to the core; resolves to `false` when the core is gone. The common case
+/// (room in the channel) is done before the first poll and does not wait; only a full channel
+/// waits, in a boxed future, so the connection task does not carry a whole event-sized send
+/// future at each of its await points.
+fn send_event(events: &mpsc::Sender<Event>, ev: Event) -> impl Future<Output = bool> + '_ {
+    let slow = match events.try_send(ev) {
+        Ok(()) => Ok(true),
+        Err(mpsc::error::TrySendError::Closed(_)) => Ok(false),
+        Err(mpsc::error::TrySendError::Full(ev)) => Err(Box::pin(events.send(ev))),
+    };
+    async move {
+        match slow {
+            Ok(sent) => sent,
+            Err(send) => send.await.is_ok(),
+        }
+    }
+}
+
+/// What [`drive`] does next: read and write, only write what the core still hands over (the
+/// peer's side ended), or stop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Both,
+    Draining,
+}
+
+/// The connection after its CONNECT: one task reads, decodes and forwards packets to the core,
+/// and writes what the core queued for it, both at once (a peer that does not read while it
+/// writes cannot stall our reads). A connection is one task and a queue with nothing in it while
+/// idle, not a reader, a writer and a channel.
+#[allow(clippy::too_many_arguments)]
+async fn drive<R, W>(
+    mut rd: R,
+    mut wr: W,
+    mut buf: BytesMut,
+    out: &Outq,
+    version: ProtocolVersion,
+    conn: ConnId,
+    peer: SocketAddr,
+    ctx: &ConnContext,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = ctx.limits.max_packet_size as usize;
+    let mut outbox = Outbox::default();
+    let mut taken = VecDeque::new();
+    let mut phase = Phase::Both;
+    let mut read_size = READ_MIN;
+    // Set once the core handed over a Close (or let go): flush, then end.
+    let mut closing = false;
+    let mut closed_sent = false;
+    let mut drain_deadline = None;
+    'conn: loop {
+        if phase == Phase::Both {
+            // Decode everything buffered before waiting again. The event is built before the
+            // send is awaited, so no decoded packet sits in the task across that await.
+            loop {
+                let ev = match decode(&mut buf, version, max) {
+                    Ok(Some(packet)) => Event::Packet { conn, packet },
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(%peer, conn, error = %e, "malformed packet");
+                        phase = Phase::Draining;
+                        Event::ProtocolError {
                             conn,
                             reason: e.reason_code(),
-                        })
-                        .await;
-                    break 'read;
+                        }
+                    }
+                };
+                if !send_event(&ctx.events, ev).await {
+                    break 'conn;
+                }
+                if phase == Phase::Draining {
+                    break;
                 }
             }
         }
+        if phase == Phase::Draining && !closed_sent {
+            // The core drops this connection's queue on Closed once it has handed over what
+            // it had for it; that is flushed below, then the task ends.
+            closed_sent = true;
+            if !send_event(&ctx.events, Event::Closed { conn }).await {
+                break;
+            }
+            drain_deadline = Some(Box::pin(tokio::time::sleep(Duration::from_secs(10))));
+        }
+        if outbox.is_empty() && !closing {
+            match out.take(&mut taken) {
+                Taken::Killed => break,
+                Taken::LetGo if taken.is_empty() => closing = true,
+                _ => {}
+            }
+            for t in taken.drain(..) {
+                match t {
+                    Transmit::Packet(p) => {
+                        if let Err(e) = outbox.push(p, version) {
+                            tracing::warn!(conn, error = %e, "cannot encode packet");
+                        }
+                    }
+                    Transmit::Close => {
+                        closing = true;
+                        break;
+                    }
+                }
+            }
+            taken.clear();
+            if taken.capacity() > 1024 {
+                taken = VecDeque::new();
+            }
+        }
+        if outbox.is_empty() {
+            if closing {
+                break;
+            }
+            // Idle: give back the encode buffer; the next batch sizes a new one.
+            outbox.release();
+        }
+        if phase == Phase::Both && buf.is_empty() && read_size == READ_MIN {
+            // Nothing buffered and a quiet peer: hold no read buffer while waiting (the
+            // read below allocates a small one only when bytes arrive).
+            buf = BytesMut::new();
+        } else if buf.capacity() - buf.len() < read_size / 2 {
+            buf.reserve(read_size);
+        }
+        let spare = buf.capacity() - buf.len();
         tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => Metrics::add(&ctx.metrics.bytes_received, n as u64),
+            r = rd.read_buf(&mut buf), if phase == Phase::Both => match r {
+                Ok(0) | Err(_) => phase = Phase::Draining,
+                Ok(n) => {
+                    Metrics::add(&ctx.metrics.bytes_received, n as u64);
+                    read_size = next_read_size(read_size, n, spare.max(64));
+                }
             },
-            _ = &mut writer => { writer_done = true; break }
-            _ = kill.notified() => { writer.abort(); break }
+            w = outbox.write_some(&mut wr), if !outbox.is_empty() => match w {
+                Ok(n) => {
+                    Metrics::add(&ctx.metrics.bytes_sent, n as u64);
+                    if outbox.is_empty() {
+                        let publishes = outbox.finish();
+                        if publishes > 0
+                            && !closed_sent
+                            && !send_event(&ctx.events, Event::Written { conn, n: publishes }).await
+                        {
+                            break;
+                        }
+                    }
+                }
+                Err(_) => break,
+            },
+            _ = out.notified(), if outbox.is_empty() => {}
+            // The timer exists only while draining (an idle connection carries none).
+            _ = std::future::poll_fn(|cx| match drain_deadline.as_mut() {
+                Some(sleep) => sleep.as_mut().poll(cx),
+                None => std::task::Poll::Pending,
+            }) => break,
         }
     }
-    let _ = ctx.events.send(Event::Closed { conn }).await;
-    if !writer_done {
-        // The core drops our sender on Closed; the writer then flushes what is queued and ends.
-        tokio::select! {
-            _ = &mut writer => {}
-            _ = kill.notified() => writer.abort(),
-            _ = tokio::time::sleep(Duration::from_secs(10)) => writer.abort(),
-        }
+    if !closed_sent {
+        send_event(&ctx.events, Event::Closed { conn }).await;
     }
-    drop(ctx);
+    if !out.is_killed() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = wr.flush().await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// One connection's outgoing packets, from the core to the connection task: a plain queue
+/// under a lock taken once per packet by the core and once per batch by the connection (which
+/// swaps the whole queue out), instead of a channel with a preallocated block per connection.
+/// Empty and unallocated while the connection is idle.
+#[derive(Debug)]
+pub struct Outq {
+    state: std::sync::Mutex<OutqState>,
+    ready: Notify,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct OutqState {
+    items: VecDeque<Transmit>,
+    /// The core let go: nothing more will come.
+    let_go: bool,
+    /// The connection could not keep up: end it now, unflushed.
+    killed: bool,
+}
+
+/// What [`Outq::take`] found besides the packets.
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    Open,
+    LetGo,
+    Killed,
+}
+
+/// The queue is full: the connection is not keeping up.
+#[derive(Debug)]
+struct Full;
+
+impl Outq {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutqState> {
+        // A panic while holding this lock leaves a plain queue behind: still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, t: Transmit) -> Result<(), Full> {
+        let mut s = self.lock();
+        if s.items.len() >= self.capacity {
+            return Err(Full);
+        }
+        let wake = s.items.is_empty();
+        s.items.push_back(t);
+        drop(s);
+        if wake {
+            // Pushing onto a non-empty queue needs no wake-up: the connection takes the whole
+            // queue when it takes, and waits only after finding it empty.
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Swaps the queued packets into `into` (which must be empty).
+    fn take(&self, into: &mut VecDeque<Transmit>) -> Taken {
+        let mut s = self.lock();
+        if s.killed {
+            return Taken::Killed;
+        }
+        std::mem::swap(&mut s.items, into);
+        if s.let_go { Taken::LetGo } else { Taken::Open }
+    }
+
+    fn is_killed(&self) -> bool {
+        self.lock().killed
+    }
+
+    fn let_go(&self) {
+        self.lock().let_go = true;
+        self.ready.notify_one();
+    }
+
+    fn kill(&self) {
+        let mut s = self.lock();
+        s.killed = true;
+        s.items = VecDeque::new();
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
+    }
+}
+
+/// The core's handle on one connection's [`Outq`]; dropping it tells the connection that
+/// nothing more will come (it flushes what it has and ends).
+#[derive(Debug)]
+pub struct ConnQueue(Arc<Outq>);
+
+impl ConnQueue {
+    fn new(capacity: usize) -> Self {
+        ConnQueue(Arc::new(Outq {
+            state: std::sync::Mutex::new(OutqState::default()),
+            ready: Notify::new(),
+            capacity,
+        }))
+    }
+}
+
+impl Drop for ConnQueue {
+    fn drop(&mut self) {
+        self.0.let_go();
+    }
+}
+
+/// The smallest read a connection asks for (and its first buffer's size).
+const READ_MIN: usize = 512;
+/// The largest: a busy publisher's packets arrive in reads this large, not one syscall each.
+const READ_MAX: usize = 64 * 1024;
+
+/// The size of the next read: doubles while reads fill the space they were given, halves when
+/// they use little of it, so a busy connection reads in large chunks and an idle one goes
+/// back to a small buffer.
+fn next_read_size(current: usize, read: usize, spare: usize) -> usize {
+    if read >= spare {
+        (current * 2).min(READ_MAX)
+    } else if read < current / 8 {
+        (current / 2).max(READ_MIN)
+    } else {
+        current
+    }
 }
 
 /// Payloads at least this large are written from the shared `Bytes` (vectored write) instead
@@ -438,12 +704,17 @@ where
 const ZERO_COPY_MIN: usize = 1024;
 
 /// The encoded bytes of one batch: small packets coalesced in a buffer, large payloads kept
-/// as the shared `Bytes` the publisher's read produced.
+/// as the shared `Bytes` the publisher's read produced. Written with as few syscalls as the
+/// socket allows (vectored when there are several segments).
 #[derive(Default)]
 struct Outbox {
     buf: BytesMut,
-    segments: Vec<Bytes>,
+    segments: VecDeque<Bytes>,
+    /// Bytes encoded into this batch, and PUBLISH packets among them.
     len: usize,
+    publishes: usize,
+    /// The last batch's size: the next batch's buffer starts this large.
+    last_len: usize,
 }
 
 impl Outbox {
@@ -452,6 +723,9 @@ impl Outbox {
         packet: Packet,
         version: ProtocolVersion,
     ) -> Result<(), mqttd_codec::EncodeError> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(self.last_len.clamp(256, READ_MAX));
+        }
         let Packet::Publish(mut p) = packet else {
             let before = self.buf.len();
             packet.encode(version, &mut self.buf)?;
@@ -462,6 +736,7 @@ impl Outbox {
             let before = self.buf.len();
             Packet::Publish(p).encode(version, &mut self.buf)?;
             self.len += self.buf.len() - before;
+            self.publishes += 1;
             return Ok(());
         }
         let payload = std::mem::take(&mut p.payload);
@@ -479,44 +754,77 @@ impl Outbox {
         write_varint(&mut self.buf, total);
         self.buf.extend_from_slice(&head[1 + varint_len..]);
         self.len += self.buf.len() - before + payload.len();
-        self.segments.push(self.buf.split().freeze());
-        self.segments.push(payload);
+        self.publishes += 1;
+        self.segments.push_back(self.buf.split().freeze());
+        self.segments.push_back(payload);
         Ok(())
     }
 
-    /// Writes everything, vectored; returns the byte count.
-    async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<usize> {
+    /// Nothing left to write.
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.segments.is_empty()
+    }
+
+    /// One write (vectored when there are several segments); returns the bytes written. Safe
+    /// to cancel: nothing is consumed unless the write happened.
+    async fn write_some<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<usize> {
         if !self.buf.is_empty() {
-            self.segments.push(self.buf.split().freeze());
+            self.segments.push_back(self.buf.split().freeze());
         }
-        let written = self.len;
-        let mut first = 0;
-        while first < self.segments.len() {
-            let slices: Vec<std::io::IoSlice<'_>> = self.segments[first..]
-                .iter()
-                .take(64)
-                .map(|b| std::io::IoSlice::new(b))
-                .collect();
-            let mut n = wr.write_vectored(&slices).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+        let mut n = match self.segments.len() {
+            0 => return Ok(0),
+            1 => wr.write(&self.segments[0]).await?,
+            _ => {
+                let slices: Vec<std::io::IoSlice<'_>> = self
+                    .segments
+                    .iter()
+                    .take(64)
+                    .map(|b| std::io::IoSlice::new(b))
+                    .collect();
+                wr.write_vectored(&slices).await?
             }
-            while n > 0 {
-                let seg = &mut self.segments[first];
-                if n >= seg.len() {
-                    n -= seg.len();
-                    first += 1;
-                } else {
-                    seg.advance(n);
-                    n = 0;
-                }
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let written = n;
+        while n > 0 {
+            let Some(seg) = self.segments.front_mut() else {
+                break;
+            };
+            if n >= seg.len() {
+                n -= seg.len();
+                self.segments.pop_front();
+            } else {
+                seg.advance(n);
+                n = 0;
             }
         }
-        self.segments.clear();
+        Ok(written)
+    }
+
+    /// Ends a batch that is fully written; returns how many PUBLISH packets it held.
+    fn finish(&mut self) -> usize {
+        self.last_len = self.len;
         self.len = 0;
-        if self.buf.capacity() > 1 << 20 {
-            self.buf = BytesMut::with_capacity(16 * 1024);
+        std::mem::take(&mut self.publishes)
+    }
+
+    /// Frees the encode buffer (an idle connection keeps none).
+    fn release(&mut self) {
+        if self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
         }
+    }
+
+    /// Writes everything (tests).
+    #[cfg(test)]
+    async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<usize> {
+        let mut written = 0;
+        while !self.is_empty() {
+            written += self.write_some(wr).await?;
+        }
+        self.finish();
         Ok(written)
     }
 }
@@ -546,63 +854,6 @@ fn write_varint(buf: &mut BytesMut, mut v: usize) {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::Receiver<Box<Transmit>>,
-    version: ProtocolVersion,
-    conn: ConnId,
-    events: mpsc::Sender<Event>,
-    metrics: Arc<Metrics>,
-) {
-    let mut out = Outbox::default();
-    let mut batch = Vec::with_capacity(64);
-    loop {
-        if rx.recv_many(&mut batch, 64).await == 0 {
-            break; // The core let go of this connection.
-        }
-        let mut publishes = 0;
-        let mut close = false;
-        for t in batch.drain(..) {
-            match *t {
-                Transmit::Packet(p) => {
-                    if matches!(p, Packet::Publish(_)) {
-                        publishes += 1;
-                    }
-                    if let Err(e) = out.push(p, version) {
-                        tracing::warn!(conn, error = %e, "cannot encode packet");
-                    }
-                }
-                Transmit::Close => {
-                    close = true;
-                    break;
-                }
-            }
-        }
-        match out.write_to(&mut wr).await {
-            Ok(n) => Metrics::add(&metrics.bytes_sent, n as u64),
-            Err(_) => break,
-        }
-        if publishes > 0
-            && events
-                .send(Event::Written { conn, n: publishes })
-                .await
-                .is_err()
-        {
-            break;
-        }
-        if close {
-            break;
-        }
-    }
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
-}
-
-struct Handle {
-    tx: mpsc::Sender<Box<Transmit>>,
-    kill: Arc<Notify>,
-}
-
 async fn run_core(
     mut broker: Broker<Box<dyn Store>>,
     mut events: mpsc::Receiver<Event>,
@@ -610,7 +861,7 @@ async fn run_core(
     config: Config,
     metrics: Arc<Metrics>,
 ) {
-    let mut handles: HashMap<ConnId, Handle> = HashMap::new();
+    let mut handles: FastMap<ConnId, ConnQueue> = FastMap::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sys_every = config.sys_interval.unwrap_or(Duration::from_secs(3600));
@@ -637,17 +888,23 @@ async fn run_core(
                 }
                 let now = Instant::now();
                 for ev in batch.drain(..) {
-                    if hold && let Event::Closed { conn } = ev {
-                        // Held packets for this connection (a CONNACK, a DISCONNECT with its
-                        // reason code) still go out after the commit: its writer flushes what it
-                        // was handed once the handle is dropped.
+                    if let Event::Closed { conn } = ev {
+                        // Packets for this connection from this batch (or, with sync
+                        // durability, held for the commit: a CONNACK, a DISCONNECT with its
+                        // reason code) still go out: its writer flushes what it was handed
+                        // once the handle is dropped.
                         broker.handle_closed(conn, CloseReason::NetworkError, now);
                         closed.push(conn);
                         continue;
                     }
                     handle_event(&mut broker, &mut handles, ev, now);
-                    if !hold {
-                        dispatch(&mut broker, &mut handles, now);
+                }
+                if !hold {
+                    // Once per batch, not per event: a writer is woken once with everything
+                    // the batch produced for it, and writes it in one go.
+                    dispatch(&mut broker, &mut handles, now);
+                    for conn in closed.drain(..) {
+                        handles.remove(&conn);
                     }
                 }
                 if hold {
@@ -723,11 +980,11 @@ async fn run_core(
                     break;
                 }
                 for ev in batch.drain(..) {
-                    if let Event::Connect { tx, .. } = ev {
+                    if let Event::Connect { queue, .. } = ev {
                         // Accepted just before shutdown: refuse it politely.
                         let refuse = ConnAck::new(ReasonCode::ServerShuttingDown);
-                        let _ = tx.try_send(Box::new(Transmit::Packet(refuse.into())));
-                        let _ = tx.try_send(Box::new(Transmit::Close));
+                        let _ = queue.0.push(Transmit::Packet(refuse.into()));
+                        let _ = queue.0.push(Transmit::Close);
                     }
                 }
             }
@@ -738,7 +995,7 @@ async fn run_core(
 
 fn handle_event(
     broker: &mut Broker<Box<dyn Store>>,
-    handles: &mut HashMap<ConnId, Handle>,
+    handles: &mut FastMap<ConnId, ConnQueue>,
     ev: Event,
     now: Instant,
 ) {
@@ -747,10 +1004,9 @@ fn handle_event(
             conn,
             peer,
             connect,
-            tx,
-            kill,
+            queue,
         } => {
-            handles.insert(conn, Handle { tx, kill });
+            handles.insert(conn, queue);
             broker.handle_connect(conn, peer.ip(), *connect, now);
         }
         Event::Packet { conn, packet } => broker.handle_packet(conn, packet, now),
@@ -768,7 +1024,7 @@ fn handle_event(
 /// flight, hands the packets over at once.
 fn sync_commit(
     broker: &mut Broker<Box<dyn Store>>,
-    handles: &mut HashMap<ConnId, Handle>,
+    handles: &mut FastMap<ConnId, ConnQueue>,
     committing: &mut Option<InFlightCommit>,
     closed: &mut Vec<ConnId>,
     now: Instant,
@@ -785,30 +1041,25 @@ fn sync_commit(
 /// Hands every pending transmit to its connection without ever waiting.
 fn dispatch(
     broker: &mut Broker<Box<dyn Store>>,
-    handles: &mut HashMap<ConnId, Handle>,
+    handles: &mut FastMap<ConnId, ConnQueue>,
     now: Instant,
 ) {
     while let Some((conn, t)) = broker.poll_transmit() {
-        let Some(h) = handles.get(&conn) else {
+        let Some(q) = handles.get(&conn) else {
             continue;
         };
         let close = matches!(t, Transmit::Close);
-        // Boxed in the channel: a slot is a pointer, so an idle connection's channel block
-        // costs 32 pointers instead of 32 packets.
-        match h.tx.try_send(Box::new(t)) {
+        match q.0.push(t) {
             Ok(()) if close => {
                 handles.remove(&conn);
             }
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Full) => {
                 tracing::warn!(conn, "connection cannot keep up; closing it");
-                if let Some(h) = handles.remove(&conn) {
-                    h.kill.notify_one();
+                if let Some(q) = handles.remove(&conn) {
+                    q.0.kill();
                 }
                 broker.handle_closed(conn, CloseReason::NetworkError, now);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                handles.remove(&conn);
             }
         }
     }
@@ -955,5 +1206,31 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(3), running.shutdown())
             .await
             .expect("shutdown in time");
+    }
+}
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// Every connection is a task holding this future for its whole life: what it carries is
+    /// what an idle connection costs (the handshake and full-channel sends are boxed apart).
+    #[test]
+    fn a_connection_task_stays_small() {
+        fn size<F>(_: &dyn Fn(tokio::io::DuplexStream) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let (events, _rx) = mpsc::channel::<Event>(1);
+        let (alive, _alive_rx) = mpsc::channel::<()>(1);
+        let ctx = ConnContext {
+            events,
+            limits: Arc::default(),
+            metrics: Arc::new(Metrics::new()),
+            permits: Arc::new(Semaphore::new(1)),
+            next_conn: Arc::new(AtomicU64::new(0)),
+            _alive: alive,
+        };
+        let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let n = size(&move |io| serve_connection(io, peer, 1, ctx.clone()));
+        assert!(n <= 1536, "a connection's task future is {n} bytes");
     }
 }

@@ -62,8 +62,9 @@ pub struct Link {
     pub aliases_out: HashMap<Topic, u16>,
     /// Packets handed to the driver and not yet reported written.
     pub in_transit: usize,
-    /// The will, until a normal DISCONNECT clears it.
-    pub will: Option<WillSpec>,
+    /// The will, until a normal DISCONNECT clears it. Boxed: most clients have none, and a
+    /// link without one should not carry the room for it.
+    pub will: Option<Box<WillSpec>>,
     /// Request Problem Information (reason strings allowed).
     pub problem_info: bool,
 }

@@ -5,9 +5,10 @@
 //! Pipelined: [`Broker::commit_held`] hands the changed sessions to the store, whose writer
 //! thread commits them while the driver goes on handling events; the packets produced before
 //! the commit started wait in the [`InFlightCommit`], and [`Broker::complete_commit`] releases
-//! them (or their refusals) when the store reports the result. Up to two commits are in flight
-//! at once, so the writer starts the next one as soon as it is done with one, without waiting
-//! for the driver to hear of it; what happens while two are in flight waits for the next.
+//! them (or their refusals) when the store reports the result. Up to four commits are in flight
+//! at once (the store writes those queued behind the one it is writing together), so the
+//! writer starts the next one as soon as it is done with one, without waiting for the driver
+//! to hear of it.
 
 use std::collections::VecDeque;
 
@@ -31,8 +32,9 @@ struct Stage {
     closed: Vec<ConnId>,
 }
 
-/// Commits in flight at once: one being written, the next queued behind it.
-const MAX_IN_FLIGHT: usize = 2;
+/// Commits in flight at once: one being written, the next ones queued behind it (the store
+/// writes queued commits together). Bounds the snapshots taken per write.
+const MAX_IN_FLIGHT: usize = 4;
 
 impl InFlightCommit {
     /// Completes when the oldest commit has been written (or failed); at once with `Ok` when
@@ -141,13 +143,13 @@ impl<S: Store> Broker<S> {
         })
     }
 
-    /// Group commit (`durability = "sync"`), after a batch of events: unless two commits are
-    /// in flight already, hands the persistent sessions changed since the last call to the
-    /// store and starts its commit ([`Store::start_commit`]); every packet produced so far
-    /// then waits in `commit`, with the connections in `closed` (taken), until
-    /// [`Broker::complete_commit`] releases them: nothing is acknowledged before it is
-    /// durable. Packets left in the queue (two commits in flight, or nothing changed while
-    /// one is) wait for the next call or completion.
+    /// Group commit (`durability = "sync"`), after a batch of events: unless the most commits
+    /// that may be in flight are already, hands the persistent sessions changed since the
+    /// last call to the store and starts its commit ([`Store::start_commit`]); every packet
+    /// produced so far then waits in `commit`, with the connections in `closed` (taken),
+    /// until [`Broker::complete_commit`] releases them: nothing is acknowledged before it is
+    /// durable. Packets left in the queue (the most commits in flight already, or nothing
+    /// changed while one is) wait for the next call or completion.
     ///
     /// `commit` stays `None` when nothing waits: nothing changed, the store keeps nothing, or
     /// the store finished on the spot (its result applied already: on failure the queued
@@ -186,7 +188,7 @@ impl<S: Store> Broker<S> {
         let mut released = done.held;
         let mut gone = done.closed;
         if let Err(e) = result {
-            tracing::error!(error = %e, "commit failed: this batch's acknowledgements were refused");
+            tracing::error!(error = %e, "commit failed: the batch's acknowledgements refused");
             released = self.fail_acks_in(released);
         }
         if hold {
@@ -219,7 +221,7 @@ impl<S: Store> Broker<S> {
         };
         if let Some(result) = ticket.try_take() {
             if let Err(e) = result {
-                tracing::error!(error = %e, "commit failed: this batch's acknowledgements were refused");
+                tracing::error!(error = %e, "commit failed: the batch's acknowledgements refused");
                 self.fail_acks();
             }
             return None;
@@ -644,28 +646,25 @@ mod tests {
         assert!(c.is_empty());
         drain(&mut b);
 
-        // Three batches: two commits go in flight, the third batch waits behind them.
+        // One batch more than commits may be in flight: the last waits behind them.
+        let batches = MAX_IN_FLIGHT as u16 + 1;
         let mut commit = None;
-        for id in 1..=3 {
+        for id in 1..=batches {
             b.handle_packet(2, publish(QoS::AtLeastOnce, id), now);
             b.commit_held(&mut commit, &mut closed);
             // The driver hands packets over only when no commit is in flight.
             assert!(commit.is_some(), "a commit holds the acknowledgement");
         }
-        assert_eq!(
-            started.lock().expect("lock").len(),
-            2,
-            "two commits in flight"
-        );
+        assert_eq!(started.lock().expect("lock").len(), MAX_IN_FLIGHT);
         let mut c = commit.take().expect("in flight");
-        assert_eq!(c.held(), 2);
+        assert_eq!(c.held(), MAX_IN_FLIGHT);
 
-        // The first completes: its ack goes; the third batch starts a commit.
+        // The first completes: its ack goes; the last batch starts a commit.
         complete(true);
         let r = c.wait();
         b.complete_commit(&mut c, r, true, &mut closed);
         assert_eq!(acks(&drain(&mut b), 2), vec![(1, ReasonCode::Success)]);
-        assert_eq!(started.lock().expect("lock").len(), 2);
+        assert_eq!(started.lock().expect("lock").len(), MAX_IN_FLIGHT);
 
         // The second fails: only its ack becomes a refusal.
         complete(false);
@@ -677,12 +676,16 @@ mod tests {
             vec![(2, ReasonCode::UnspecifiedError)]
         );
 
-        complete(true);
-        let r = c.wait();
-        b.complete_commit(&mut c, r, true, &mut closed);
+        // The others, one by one and in order.
+        for id in 3..=batches {
+            assert!(!c.is_empty());
+            complete(true);
+            let r = c.wait();
+            b.complete_commit(&mut c, r, true, &mut closed);
+            assert_eq!(acks(&drain(&mut b), 2), vec![(id, ReasonCode::Success)]);
+        }
         assert!(c.is_empty(), "nothing changed since: no further commit");
-        assert_eq!(acks(&drain(&mut b), 2), vec![(3, ReasonCode::Success)]);
         // Every message was saved in the offline subscriber's session.
-        assert_eq!(b.queued("sub"), Some(3));
+        assert_eq!(b.queued("sub"), Some(usize::from(batches)));
     }
 }

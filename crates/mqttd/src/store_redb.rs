@@ -179,8 +179,9 @@ impl Drop for RedbStore {
     }
 }
 
-/// The writer thread: commits every job in order. A failed job's changes are kept and written
-/// with the next job (under its newer changes).
+/// The writer thread: commits every job in order; jobs queued while it wrote the last are
+/// written together in one transaction. A failed commit's changes are kept and written with
+/// the next (under its newer changes).
 fn write_loop(
     db: Arc<Database>,
     jobs: mpsc::Receiver<Job>,
@@ -188,18 +189,37 @@ fn write_loop(
     carry_flag: Arc<AtomicBool>,
 ) {
     let mut carried: Option<Batch> = None;
-    while let Ok(job) = jobs.recv() {
-        let mut batch = job.batch;
+    while let Ok(first) = jobs.recv() {
+        // Every commit queued meanwhile joins this one: one transaction, one fsync.
+        let mut batch = Batch::default();
+        let mut mode = CommitMode::Deferred;
+        let mut done = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next {
+            let mut newer = job.batch;
+            newer.merge_older(batch);
+            batch = newer;
+            if job.mode == CommitMode::Immediate {
+                mode = CommitMode::Immediate;
+            }
+            done.push(job.done);
+            next = jobs.try_recv().ok();
+        }
         if let Some(old) = carried.take() {
             batch.merge_older(old);
         }
-        let result = write_batch(&db, &mut batch, job.mode);
+        let result = write_batch(&db, &mut batch, mode);
         if result.is_err() && !batch.is_empty() {
             carried = Some(batch);
         }
         carry_flag.store(carried.is_some(), Ordering::Release);
-        outstanding.fetch_sub(1, Ordering::AcqRel);
-        job.done.complete(result);
+        outstanding.fetch_sub(done.len(), Ordering::AcqRel);
+        for d in done {
+            d.complete(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError(e.0.clone())),
+            });
+        }
     }
 }
 

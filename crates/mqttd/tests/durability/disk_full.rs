@@ -176,7 +176,7 @@ async fn a_full_disk_is_never_acknowledged_and_loses_nothing_acknowledged() {
             refused,
             Some(PubAckReason::UnspecifiedError | PubAckReason::QuotaExceeded)
         ),
-        "the full disk must refuse a 5.0 PUBLISH with 0x80 or 0x97 (got {refused:?} after {} acknowledged)",
+        "a full disk refuses a 5.0 PUBLISH with 0x80 or 0x97 (got {refused:?} after {} acked)",
         acked.len()
     );
 

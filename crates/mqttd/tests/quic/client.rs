@@ -139,11 +139,22 @@ impl QuicMqtt {
         clean: bool,
         keep_alive: u16,
     ) -> (QuicMqtt, ConnAck) {
+        Self::connect_via(ep, broker, broker.quic, id, clean, keep_alive).await
+    }
+
+    /// [`connect`](Self::connect) to `addr` (a relay in front of the broker).
+    pub async fn connect_via(
+        ep: &quinn::Endpoint,
+        broker: &Broker,
+        addr: std::net::SocketAddr,
+        id: &str,
+        clean: bool,
+        keep_alive: u16,
+    ) -> (QuicMqtt, ConnAck) {
         let config = quinn_config(&broker.cert_pem(), b"mqtt");
         let conn = tokio::time::timeout(
             WAIT,
-            ep.connect_with(config, broker.quic, "localhost")
-                .expect("connect"),
+            ep.connect_with(config, addr, "localhost").expect("connect"),
         )
         .await
         .expect("handshake in time")

@@ -5,7 +5,8 @@
 //!   through a relay that delays every datagram (the independent quinn + mqttbytes client).
 //!   The same with the mqttd-quic client (`Connecting::into_0rtt`).
 //! - With `quic_migration = false` the listener sends `disable_active_migration` (seen by an
-//!   mqttd-quic client), and a client whose address changes anyway is still followed.
+//!   mqttd-quic client), and a client whose address changes anyway is still followed: a
+//!   client migrating by itself, and a NAT in front of it rebinding to a new outside port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -349,5 +350,105 @@ fn zero_rtt_with_the_mqttd_quic_client() {
         );
         assert!(full >= 1.9, "{full:.2}");
         assert!(resumed <= 1.5, "0-RTT CONNACK after {resumed:.2} RTT");
+    });
+}
+
+/// A NAT in front of the broker: the client talks to `addr`; the relay talks to the broker from
+/// an outside socket that [`rebind`](Self::rebind) replaces (the old one is closed), as a NAT
+/// whose binding expired would. The client sees nothing of it.
+pub struct NatRelay {
+    /// Where the client sends.
+    pub addr: SocketAddr,
+    inside: Arc<UdpSocket>,
+    client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    outside: Arc<std::sync::Mutex<(Arc<UdpSocket>, tokio::task::JoinHandle<()>)>>,
+    rebinds: std::sync::atomic::AtomicUsize,
+    forward: tokio::task::JoinHandle<()>,
+}
+
+impl NatRelay {
+    /// A NAT relay in front of `server`.
+    pub async fn start(server: SocketAddr) -> NatRelay {
+        let inside = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind inside"));
+        let addr = inside.local_addr().expect("inside address");
+        let client = Arc::new(std::sync::Mutex::new(None));
+        let outside_sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind outside"));
+        let back = Self::spawn_back(outside_sock.clone(), inside.clone(), client.clone());
+        let outside = Arc::new(std::sync::Mutex::new((outside_sock, back)));
+        let forward = {
+            let (inside, client, outside) = (inside.clone(), client.clone(), outside.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, from)) = inside.recv_from(&mut buf).await {
+                    *client.lock().expect("client") = Some(from);
+                    let sock = outside.lock().expect("outside").0.clone();
+                    let _ = sock.send_to(&buf[..n], server).await;
+                }
+            })
+        };
+        NatRelay {
+            addr,
+            inside,
+            client,
+            outside,
+            rebinds: std::sync::atomic::AtomicUsize::new(0),
+            forward,
+        }
+    }
+
+    /// Broker -> client through the outside socket `sock`.
+    fn spawn_back(
+        sock: Arc<UdpSocket>,
+        inside: Arc<UdpSocket>,
+        client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, _)) = sock.recv_from(&mut buf).await {
+                let to = *client.lock().expect("client");
+                if let Some(to) = to {
+                    let _ = inside.send_to(&buf[..n], to).await;
+                }
+            }
+        })
+    }
+
+    /// The NAT binding changes: a new outside port; packets to the old one are lost.
+    pub async fn rebind(&self) {
+        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind outside"));
+        let back = Self::spawn_back(sock.clone(), self.inside.clone(), self.client.clone());
+        let (old_sock, old_back) =
+            std::mem::replace(&mut *self.outside.lock().expect("outside"), (sock, back));
+        old_back.abort();
+        drop(old_sock);
+        self.rebinds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many times the binding changed.
+    pub fn rebinds(&self) -> usize {
+        self.rebinds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for NatRelay {
+    fn drop(&mut self) {
+        self.forward.abort();
+        if let Ok(o) = self.outside.lock() {
+            o.1.abort();
+        }
+    }
+}
+
+/// Issue 9: "NAT rebinding keeps the MQTT session and its in-flight messages", with migration
+/// off (the documented promise: `quic_migration = false` still follows NAT rebinding) and on.
+#[test]
+fn nat_rebinding_keeps_the_session_with_migration_off_and_on() {
+    run(async {
+        for args in [&["--quic-migration", "false"][..], &[][..]] {
+            let broker = Broker::start("nat", args);
+            let nat = NatRelay::start(broker.quic).await;
+            crate::move_mid_stream(&broker, Some(&nat)).await;
+        }
     });
 }

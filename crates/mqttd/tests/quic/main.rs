@@ -652,9 +652,18 @@ fn migration_mid_stream_delivers_every_qos1_message_exactly_once() {
 
 /// The body of the migration test, also run against a listener with migration off.
 pub async fn migrate_mid_stream(broker: &Broker) {
+    move_mid_stream(broker, None).await;
+}
+
+/// 600 QoS 1 messages to a QUIC subscriber; a quarter of the way the client moves to a new
+/// port: by itself (`quinn::Endpoint::rebind`, an active migration), or, with `nat`, the NAT
+/// relay it talks through switches to a new outside port (a NAT rebinding the client does not
+/// even see). Every message must arrive exactly once on the same connection.
+pub async fn move_mid_stream(broker: &Broker, nat: Option<&early::NatRelay>) {
     const N: u32 = 600;
     let ep = quinn_endpoint();
-    let (mut sub, _) = QuicMqtt::connect(&ep, broker, "mover", false, 30).await;
+    let to = nat.map_or(broker.quic, |n| n.addr);
+    let (mut sub, _) = QuicMqtt::connect_via(&ep, broker, to, "mover", false, 30).await;
     sub.subscribe(1, "m/#", QoS::AtLeastOnce).await;
     let mut publisher = tcp_client(broker, "m-pub", true).await;
     let pubs = tokio::spawn(async move {
@@ -676,13 +685,21 @@ pub async fn migrate_mid_stream(broker: &Broker) {
         let n = u32::from_be_bytes(p.payload[..4].try_into().expect("4 bytes"));
         *seen.entry(n).or_default() += 1;
         if seen.len() == (N / 4) as usize && moved_at.is_none() {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-            ep.rebind(socket).expect("rebind");
+            match nat {
+                Some(nat) => nat.rebind().await,
+                None => {
+                    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                    ep.rebind(socket).expect("rebind");
+                }
+            }
             moved_at = Some(n);
         }
     }
     assert!(moved_at.is_some());
-    assert_ne!(ep.local_addr().expect("addr"), before, "the client moved");
+    match nat {
+        Some(nat) => assert!(nat.rebinds() >= 1, "the NAT rebound"),
+        None => assert_ne!(ep.local_addr().expect("addr"), before, "the client moved"),
+    }
     // Nothing more (no duplicates) within a grace period.
     sub.send(Packet::PingReq).await;
     assert_eq!(sub.recv().await, Packet::PingResp);

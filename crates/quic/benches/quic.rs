@@ -40,6 +40,30 @@ fn rss_bytes() -> usize {
     pages * 4096
 }
 
+/// CPU time used by this process so far (user + system, all threads), in seconds; 10 ms
+/// resolution. Handshakes per CPU-second is robust against other load on a shared machine,
+/// where wall-clock rates mostly measure the neighbours.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A rate measured two ways: per wall-clock second and per CPU-second of this process.
+#[derive(Clone, Copy)]
+struct Rate {
+    wall: f64,
+    cpu: f64,
+}
+
 /// A sink server: reads every bidi stream to the end and answers with one byte.
 fn spawn_sink(ep: Endpoint) {
     tokio::spawn(async move {
@@ -127,7 +151,7 @@ fn server_cfg_with(pki: &Pki, groups: Groups) -> mqttd_quic::ServerConfig {
     cfg
 }
 
-async fn ours_throughput(pki: &Pki, bytes: usize) -> f64 {
+async fn ours_throughput(pki: &Pki, bytes: usize) -> Rate {
     let server = Endpoint::server(server_cfg(pki), localhost()).expect("server");
     spawn_sink(server.clone());
     let client = Endpoint::client(localhost()).expect("client");
@@ -137,7 +161,7 @@ async fn ours_throughput(pki: &Pki, bytes: usize) -> f64 {
         .await
         .expect("handshake");
     let chunk = bytes::Bytes::from(vec![0xabu8; 256 * 1024]);
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_secs());
     let (mut send, mut recv) = conn.open_bi().await.expect("open");
     let mut sent = 0;
     while sent < bytes {
@@ -147,15 +171,19 @@ async fn ours_throughput(pki: &Pki, bytes: usize) -> f64 {
     send.finish().expect("finish");
     let ack = recv.read_to_end(10).await.expect("ack");
     assert_eq!(ack, b"k");
-    let secs = start.elapsed().as_secs_f64();
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), (cpu_secs() - cpu0).max(0.01));
     if std::env::var_os("QUIC_BENCH_VERBOSE").is_some() {
         eprintln!("ours: {:?}", conn.stats());
     }
     conn.close(0, b"");
-    sent as f64 / secs / (1024.0 * 1024.0)
+    let mib = sent as f64 / (1024.0 * 1024.0);
+    Rate {
+        wall: mib / secs,
+        cpu: mib / cpu,
+    }
 }
 
-async fn quinn_throughput(pki: &Pki, bytes: usize) -> f64 {
+async fn quinn_throughput(pki: &Pki, bytes: usize) -> Rate {
     let server = quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("server");
     let addr = server.local_addr().expect("addr");
     spawn_quinn_sink(server.clone());
@@ -167,7 +195,7 @@ async fn quinn_throughput(pki: &Pki, bytes: usize) -> f64 {
         .await
         .expect("handshake");
     let chunk = bytes::Bytes::from(vec![0xabu8; 256 * 1024]);
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_secs());
     let (mut send, mut recv) = conn.open_bi().await.expect("open");
     let mut sent = 0;
     while sent < bytes {
@@ -177,7 +205,7 @@ async fn quinn_throughput(pki: &Pki, bytes: usize) -> f64 {
     send.finish().expect("finish");
     let ack = recv.read_to_end(10).await.expect("ack");
     assert_eq!(ack, b"k");
-    let secs = start.elapsed().as_secs_f64();
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), (cpu_secs() - cpu0).max(0.01));
     if std::env::var_os("QUIC_BENCH_VERBOSE").is_some() {
         let s = conn.stats();
         eprintln!(
@@ -186,18 +214,22 @@ async fn quinn_throughput(pki: &Pki, bytes: usize) -> f64 {
         );
     }
     conn.close(0u32.into(), b"");
-    sent as f64 / secs / (1024.0 * 1024.0)
+    let mib = sent as f64 / (1024.0 * 1024.0);
+    Rate {
+        wall: mib / secs,
+        cpu: mib / cpu,
+    }
 }
 
 const PARALLEL: usize = 8;
 
-async fn ours_handshakes(pki: &Pki, n: usize, groups: Groups) -> f64 {
+async fn ours_handshakes(pki: &Pki, n: usize, groups: Groups) -> Rate {
     let server = Endpoint::server(server_cfg_with(pki, groups), localhost()).expect("server");
     spawn_echo(server.clone());
     let addr = server.local_addr();
     let client = Endpoint::client(localhost()).expect("client");
     let cfg = client_cfg(pki, groups);
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_secs());
     let mut tasks = Vec::new();
     for _ in 0..PARALLEL {
         let client = client.clone();
@@ -216,16 +248,20 @@ async fn ours_handshakes(pki: &Pki, n: usize, groups: Groups) -> f64 {
     for t in tasks {
         t.await.expect("task");
     }
-    (n / PARALLEL * PARALLEL) as f64 / start.elapsed().as_secs_f64()
+    let done = (n / PARALLEL * PARALLEL) as f64;
+    Rate {
+        wall: done / start.elapsed().as_secs_f64(),
+        cpu: done / (cpu_secs() - cpu0).max(0.01),
+    }
 }
 
-async fn quinn_handshakes(pki: &Pki, n: usize) -> f64 {
+async fn quinn_handshakes(pki: &Pki, n: usize) -> Rate {
     let server = quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("server");
     let addr = server.local_addr().expect("addr");
     support::spawn_quinn_echo(server.clone());
     let mut client = quinn::Endpoint::client(localhost()).expect("client");
     client.set_default_client_config(pki.quinn_client_config());
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_secs());
     let mut tasks = Vec::new();
     for _ in 0..PARALLEL {
         let client = client.clone();
@@ -243,7 +279,11 @@ async fn quinn_handshakes(pki: &Pki, n: usize) -> f64 {
     for t in tasks {
         t.await.expect("task");
     }
-    (n / PARALLEL * PARALLEL) as f64 / start.elapsed().as_secs_f64()
+    let done = (n / PARALLEL * PARALLEL) as f64;
+    Rate {
+        wall: done / start.elapsed().as_secs_f64(),
+        cpu: done / (cpu_secs() - cpu0).max(0.01),
+    }
 }
 
 /// RSS growth per idle established connection, both ends in this process, divided by two.
@@ -364,17 +404,24 @@ fn main() {
             ours_t.push(ours_throughput(&pki, bytes).await);
             quinn_t.push(quinn_throughput(&pki, bytes).await);
         }
-        let (ours_t, quinn_t) = (median(ours_t), median(quinn_t));
-        println!("bulk transfer ({mb} MiB, one stream, median of {reps}): ours {ours_t:.0} MiB/s, quinn {quinn_t:.0} MiB/s, ratio {:.2}", ours_t / quinn_t);
+        let wall = |v: &[Rate]| median(v.iter().map(|r| r.wall).collect());
+        let cpu = |v: &[Rate]| median(v.iter().map(|r| r.cpu).collect());
+        let (ow, qw, oc, qc) = (wall(&ours_t), wall(&quinn_t), cpu(&ours_t), cpu(&quinn_t));
+        println!("bulk transfer ({mb} MiB, one stream, median of {reps}): ours {ow:.0} MiB/s, quinn {qw:.0} MiB/s, ratio {:.2}; MiB per CPU-second: ours {oc:.0}, quinn {qc:.0}, ratio {:.2}", ow / qw, oc / qc);
         let (mut ours_x, mut ours_d, mut quinn_h) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
             ours_x.push(ours_handshakes(&pki, hs, Groups::X25519).await);
             quinn_h.push(quinn_handshakes(&pki, hs).await);
             ours_d.push(ours_handshakes(&pki, hs, Groups::Default).await);
         }
-        let (ours_x, ours_d, quinn_h) = (median(ours_x), median(ours_d), median(quinn_h));
-        println!("handshakes ({hs}, {PARALLEL} in parallel, median of {reps}), X25519 on both stacks: ours {ours_x:.0}/s, quinn {quinn_h:.0}/s, ratio {:.2}", ours_x / quinn_h);
-        println!("handshakes, ours with OpenSSL's default X25519MLKEM768 vs quinn's X25519: ours {ours_d:.0}/s, quinn {quinn_h:.0}/s, ratio {:.2}", ours_d / quinn_h);
+        let (qw, qc) = (wall(&quinn_h), cpu(&quinn_h));
+        for (label, ours) in [
+            ("X25519 on both stacks", &ours_x),
+            ("ours with OpenSSL's default X25519MLKEM768 vs quinn's X25519", &ours_d),
+        ] {
+            let (ow, oc) = (wall(ours), cpu(ours));
+            println!("handshakes ({hs}, {PARALLEL} in parallel, median of {reps}), {label}: ours {ow:.0}/s, quinn {qw:.0}/s, ratio {:.2}; per CPU-second: ours {oc:.0}, quinn {qc:.0}, ratio {:.2}", ow / qw, oc / qc);
+        }
         let ours_m = ours_idle_memory(&pki, idle).await;
         let quinn_m = quinn_idle_memory(&pki, idle).await;
         println!("memory per idle established connection (RSS delta over {idle}, per end): ours {} KiB, quinn {} KiB", ours_m / 1024, quinn_m / 1024);

@@ -27,10 +27,12 @@
 //! completes, which bounds what it can do: from early data the broker serves the first packet
 //! (the CONNECT) only; everything after it waits until the handshake completed. A replayed
 //! CONNECT still takes effect: it takes over a session with that client identifier (closing a
-//! live connection with the same ID), `clean_session`/`clean_start` discards stored state, and
-//! a will in it is published when the never-completing connection ends. Enable 0-RTT only when
-//! that is acceptable (e.g. clients without wills on a network where recording and replaying
-//! is not a concern).
+//! live connection with the same ID), `clean_session`/`clean_start` discards stored state, a
+//! will in it is published when the never-completing connection ends, and messages queued for
+//! a resumed session are sent to it (encrypted with keys the replayer does not have; QoS 1/2
+//! ones stay unacknowledged and are delivered again on the next connection, QoS 0 ones are
+//! lost). Enable 0-RTT only when that is acceptable (e.g. clients without wills on a network
+//! where recording and replaying is not a concern).
 //!
 //! Migration (`quic_migration`, on by default): clients may move to a new address and keep
 //! their connection (ngtcp2 validates the new path). Off, the listener sends the

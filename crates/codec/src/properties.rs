@@ -794,9 +794,11 @@ impl PublishProperties {
                 .sum::<usize>()
             + l_str(&self.content_type)
     }
+    #[inline]
     pub(crate) fn max_binary(&self) -> usize {
         max_bin(&self.correlation_data)
     }
+    #[inline]
     pub(crate) fn bad_subscription_id(&self) -> Option<u32> {
         self.subscription_identifiers
             .iter()

@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(30);
-/// One-way delay of the relay; a round trip is twice that.
-const ONE_WAY: Duration = Duration::from_millis(50);
+/// One-way delay of the relay; a round trip is twice that (large enough that a busy machine
+/// cannot blur a whole round trip).
+const ONE_WAY: Duration = Duration::from_millis(100);
 
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")

@@ -2,8 +2,10 @@
 //! safe TLS configuration mqttd's QUIC layer uses.
 //!
 //! - [`ServerConfig`] / [`ClientConfig`]: certificates and keys (PEM files or bytes), ALPN,
-//!   TLS 1.3 cipher suites, CA roots and server-name verification, mutual TLS, session tickets with
-//!   resumption and 0-RTT, `SSLKEYLOGFILE` for Wireshark.
+//!   TLS 1.3 cipher suites, key exchange groups (default: OpenSSL 3.5's list, hybrid post-quantum
+//!   X25519MLKEM768 first; `groups(&["X25519"])` for the classic, cheaper one), CA roots and
+//!   server-name verification, mutual TLS, session tickets with resumption and 0-RTT,
+//!   `SSLKEYLOGFILE` for Wireshark.
 //! - [`TlsSession`]: one connection's TLS state, attached to an `ngtcp2_conn` by the QUIC layer.
 //! - The backend: every `ngtcp2_crypto_*` function ngtcp2's `crypto/shared.c` needs (AEAD, header
 //!   protection, HKDF, randomness, the CRYPTO-data exchange, transport parameters) is defined here

@@ -42,6 +42,86 @@ pub enum Command {
     /// Scenario: a connection storm (2,000 clients by default) with connects/s and broker RSS
     /// per idle connection.
     ConnStorm(ConnStormArgs),
+    /// MQTT over QUIC through a lossy relay: bulk traffic on topic A, small probes on topic B;
+    /// B's delivery latency in single-stream or multi-stream mode (head-of-line blocking).
+    Hol(HolArgs),
+}
+
+/// `hol`.
+#[derive(Debug, Clone, Args)]
+pub struct HolArgs {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The broker's MQTT-over-QUIC port (UDP); the subscriber reaches it through the relay.
+    #[arg(long, default_value_t = 14567)]
+    pub quic_port: u16,
+    /// The broker's MQTT-over-TCP port; the publishers use it directly.
+    #[arg(short = 'p', long, default_value_t = 1883)]
+    pub port: u16,
+    /// Multi-stream mode: one data stream per topic (the broker must run with
+    /// `quic_multi_stream = true`). Off: single-stream mode.
+    #[arg(long)]
+    pub multi_stream: bool,
+    /// Share of datagrams the relay drops, each way.
+    #[arg(long, default_value_t = 0.05)]
+    pub loss: f64,
+    /// Milliseconds the relay delays each datagram, each way.
+    #[arg(long, default_value_t = 20.0)]
+    pub delay_ms: f64,
+    /// Seed of the relay's drop decisions.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Bulk messages per second on topic A (QoS 1).
+    #[arg(long, default_value_t = 50.0)]
+    pub bulk_rate: f64,
+    /// Bulk message size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub bulk_size: usize,
+    /// Probe messages per second on topic B (QoS 1, 64 bytes).
+    #[arg(long, default_value_t = 20.0)]
+    pub probe_rate: f64,
+    /// Seconds of publishing.
+    #[arg(short = 'd', long, default_value_t = 20.0)]
+    pub duration: f64,
+    /// Seconds allowed afterwards for deliveries under way.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain: f64,
+}
+
+impl HolArgs {
+    /// The run's options, with the broker's addresses resolved.
+    pub fn options(&self) -> anyhow::Result<crate::hol::HolOptions> {
+        use std::net::ToSocketAddrs;
+        let addr = |port: u16| -> anyhow::Result<std::net::SocketAddr> {
+            (self.host.as_str(), port)
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("{} resolves to no address", self.host))
+        };
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.loss),
+            "--loss must be in [0, 1), got {}",
+            self.loss
+        );
+        anyhow::ensure!(
+            self.bulk_rate > 0.0 && self.probe_rate > 0.0,
+            "--bulk-rate and --probe-rate must be above 0"
+        );
+        Ok(crate::hol::HolOptions {
+            quic: addr(self.quic_port)?,
+            tcp: addr(self.port)?,
+            multi_stream: self.multi_stream,
+            loss: self.loss,
+            delay: Duration::from_secs_f64(self.delay_ms.max(0.0) / 1000.0),
+            seed: self.seed,
+            bulk_rate: self.bulk_rate,
+            bulk_size: self.bulk_size.max(crate::payload::HEADER_LEN),
+            probe_rate: self.probe_rate,
+            duration: secs("--duration", self.duration)?,
+            drain: secs("--drain", self.drain)?,
+        })
+    }
 }
 
 /// The MQTT protocol version the clients speak.
@@ -440,6 +520,7 @@ impl Command {
                 let plan = Plan::messages("fan-out", publishers, subscribers, workload(&a.load)?);
                 Ok((plan, a.connect.clone(), a.output.clone()))
             }
+            Command::Hol(_) => anyhow::bail!("`hol` is not a message plan"),
             Command::Pairs(a) => {
                 let publishers = (1..=a.pairs)
                     .map(|n| {

@@ -16,7 +16,7 @@
 //! Layout: [`cli`] parses arguments into a [`plan::Plan`]; [`run`] connects the clients and
 //! drives them; [`client`] is one client's connection and loop; [`payload`] the payload header
 //! and the pre-encoded PUBLISH; [`accounting`] loss, duplicates and the latency histogram;
-//! [`procstat`] the `/proc` sampling; [`report`] the progress line and summary; [`transport`]
+//! [`hol`] the head-of-line benchmark through a lossy relay; [`procstat`] the `/proc` sampling; [`report`] the progress line and summary; [`transport`]
 //! the byte-stream abstraction (TCP, and MQTT over QUIC in single-stream mode).
 //!
 //! What it must not do: it is not a conformance tester (it checks only what it needs to count
@@ -25,6 +25,7 @@
 pub mod accounting;
 pub mod cli;
 pub mod client;
+pub mod hol;
 pub mod payload;
 pub mod plan;
 pub mod procstat;

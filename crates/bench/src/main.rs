@@ -10,6 +10,9 @@ use mqttd_bench::transport::{Quic, QuicOptions, Tcp, Trust, read_ca};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let mqttd_bench::cli::Command::Hol(args) = &cli.command {
+        return hol(args);
+    }
     let (plan, connect, output) = match cli.command.plan() {
         Ok(p) => p,
         Err(e) => {
@@ -87,4 +90,24 @@ async fn quic_transport(connect: &ConnectOpts) -> anyhow::Result<Quic> {
         },
         remote,
     )
+}
+
+/// `mqttd-bench hol`: prints one JSON summary line.
+fn hol(args: &mqttd_bench::cli::HolArgs) -> ExitCode {
+    let result = args.options().and_then(|o| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(mqttd_bench::hol::run_hol(o))
+    });
+    match result.and_then(|s| Ok(serde_json::to_string(&s)?)) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mqttd-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -779,8 +779,24 @@ impl ConnAckProperties {
 }
 
 impl PublishProperties {
+    /// Whether User Properties are the only properties (or there are none): the common case,
+    /// tested without branches so the encoder can skip the per-property checks.
+    #[inline(always)]
+    fn only_user_properties(&self) -> bool {
+        self.payload_format_indicator.is_none()
+            & self.message_expiry_interval.is_none()
+            & self.topic_alias.is_none()
+            & self.response_topic.is_none()
+            & self.correlation_data.is_none()
+            & self.subscription_identifiers.is_empty()
+            & self.content_type.is_none()
+    }
+
     #[inline]
     pub(crate) fn len(&self) -> usize {
+        if self.only_user_properties() {
+            return l_users(&self.user_properties);
+        }
         l_byte(&self.payload_format_indicator)
             + l_u32(&self.message_expiry_interval)
             + l_u16(&self.topic_alias)
@@ -838,7 +854,8 @@ impl PublishProperties {
     pub(crate) fn write_to(&self, c: &mut Cursor<'_>, len: usize) {
         use PropertyId as I;
         c.varint(len);
-        if len == 0 {
+        if self.only_user_properties() {
+            c.slice(self.user_properties.wire());
             return;
         }
         if let Some(f) = format_byte(self.payload_format_indicator) {

@@ -997,3 +997,56 @@ extern "C" fn ngtcp2_crypto_set_remote_transport_params(
     // OpenSSL hands the peer's parameters to the got_transport_params callback instead.
     0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-thread template path gives the same bytes as OpenSSL's EVP_PKEY HKDF, for every
+    /// mode and digest, with and without salt and info (and it is the path actually taken).
+    #[test]
+    fn hkdf_templates_match_the_evp_pkey_path() {
+        let algs = algorithms();
+        let key: Vec<u8> = (0..48u8).map(|i| i.wrapping_mul(37)).collect();
+        let salt = [0x5au8; 20];
+        let info = b"tls13 quic key";
+        let modes = [
+            ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY,
+            ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY,
+            ossl::EVP_KDF_HKDF_MODE_EXTRACT_AND_EXPAND,
+        ];
+        let pkey_mode = |raw| match raw {
+            ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY => HkdfMode::EXTRACT_ONLY,
+            ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY => HkdfMode::EXPAND_ONLY,
+            _ => HkdfMode::EXTRACT_THEN_EXPAND,
+        };
+        for md in [algs.sha256, algs.sha384] {
+            for raw in modes {
+                for (salt, info) in [
+                    (Some(&salt[..]), &info[..]),
+                    (Some(&[][..]), &[][..]),
+                    (None, &info[..]),
+                ] {
+                    let len = if raw == ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY {
+                        md.size()
+                    } else {
+                        42
+                    };
+                    let (mut fast, mut slow) = (vec![0u8; len], vec![0u8; len]);
+                    let salt_for_extract = match (raw, salt) {
+                        (ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY, _) => None,
+                        (_, s) => s,
+                    };
+                    assert_eq!(
+                        hkdf_dup(raw, md, &mut fast, &key, salt_for_extract, info),
+                        Some(true),
+                        "template path taken and succeeded"
+                    );
+                    hkdf_pkey(pkey_mode(raw), md, &mut slow, &key, salt_for_extract, info).unwrap();
+                    assert_eq!(fast, slow, "mode {raw}, {} salt/info", len);
+                    assert_ne!(fast, vec![0u8; len]);
+                }
+            }
+        }
+    }
+}

@@ -37,7 +37,7 @@ use crate::message::{Message, SharedMessage};
 use crate::metrics::Metrics;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, FastMap, FastSet, Router, parse_filter, validate_topic_name};
-use crate::session::{Link, Session, WillSpec};
+use crate::session::{Link, Pumped, Session, WillSpec};
 use crate::store::{Delivery, PendingWill, Store, StoreError, Subscription};
 
 /// Identifies one network connection (whatever carries it).
@@ -721,6 +721,7 @@ impl<S: Store> Broker<S> {
     /// Queues a delivery in a session (policy applies) and sends what the window allows.
     fn deliver(&mut self, client_id: &ClientId, d: Delivery, now: Instant) {
         let max_queued = self.opts.limits.max_queued_messages;
+        let credit = self.opts.limits.connection_buffer;
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
@@ -729,11 +730,24 @@ impl<S: Store> Broker<S> {
             self.count_drop(d.qos);
             return;
         }
-        if let Some(dropped) = s.enqueue(d, max_queued) {
-            self.count_drop(dropped);
+        // One session lookup per delivery: enqueue and pump on the same borrow. A queue that
+        // already held messages is blocked at its front (credit or window; whatever unblocks
+        // it pumps), so only a message entering an empty queue can go out at once.
+        let was_empty = s.state.queue.is_empty();
+        let dropped = s.enqueue(d, max_queued);
+        let pumped = if was_empty {
+            s.pump(credit, now, &mut self.transmits)
+        } else {
+            Pumped::default()
+        };
+        let dirty = self.persist && s.state.is_persistent();
+        if let Some(q) = dropped {
+            self.count_drop(q);
         }
-        self.pump(client_id, now);
-        self.mark_dirty(client_id);
+        self.record(pumped);
+        if dirty && !self.dirty.contains(client_id) {
+            self.dirty.insert(client_id.clone());
+        }
     }
 
     fn count_drop(&self, qos: QoS) {
@@ -750,6 +764,10 @@ impl<S: Store> Broker<S> {
             return;
         };
         let pumped = s.pump(credit, now, &mut self.transmits);
+        self.record(pumped);
+    }
+
+    fn record(&self, pumped: Pumped) {
         if pumped.sent > 0 {
             Metrics::add(&self.metrics.messages_sent, pumped.sent);
         }

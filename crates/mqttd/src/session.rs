@@ -142,9 +142,12 @@ impl Session {
                 NonZeroU16::new(next_packet_id(state))
             };
             let packet = Packet::Publish(build_publish(&d, packet_id, false, link, now));
-            if packet
-                .encoded_len(link.version)
-                .map_or(true, |len| len > link.max_packet_size)
+            // Without a client limit there is nothing to check (and the length is not computed
+            // per delivery): the codec's own bound is far above any packet the broker accepts.
+            if link.max_packet_size != usize::MAX
+                && packet
+                    .encoded_len(link.version)
+                    .map_or(true, |len| len > link.max_packet_size)
             {
                 // Too large for this client: discarded as if delivered [MQTT-3.1.2-25].
                 undo_alias(link, &d);

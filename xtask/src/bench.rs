@@ -478,6 +478,14 @@ fn install_peer(
     {
         return (Peer::Ready(bin), how.trim().to_string());
     }
+    if bin.exists() {
+        // Installed by hand (or by an older xtask): `cargo install` would only say so.
+        let how = format!(
+            "a {bin_name} binary found in target/peers without an install record (reports `{}`)",
+            version_of(&bin.to_string_lossy(), &["--version"])
+        );
+        return (Peer::Ready(bin), how);
+    }
     let spec = format!("{krate}@{version}");
     let peers_s = peers.to_string_lossy().to_string();
     let mut base = vec!["install", spec.as_str(), "--root", peers_s.as_str()];

@@ -409,3 +409,26 @@ pub async fn run_hol(o: HolOptions) -> Result<HolSummary> {
         dropped_datagrams: dropped.load(Relaxed),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_drops_about_the_share_asked_for_and_repeats_with_its_seed() {
+        let draw = |seed: u64| {
+            let mut rng = Rng(seed | 1);
+            (0..100_000).filter(|_| rng.next_f64() < 0.05).count()
+        };
+        let dropped = draw(7);
+        assert!((4_500..5_500).contains(&dropped), "{dropped} of 100000");
+        assert_eq!(draw(7), dropped, "same seed, same drops");
+        let first = |seed: u64| {
+            let mut rng = Rng(seed | 1);
+            (0..64).map(|_| rng.next_f64()).collect::<Vec<_>>()
+        };
+        assert_ne!(first(7), first(8), "another seed, other drops");
+        let mut rng = Rng(3);
+        assert!((0..1000).all(|_| (0.0..1.0).contains(&rng.next_f64())));
+    }
+}

@@ -94,6 +94,10 @@ pub struct ConnContext {
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
     next_conn: Arc<AtomicU64>,
+    /// Write credit going back to the core (PUBLISH packets written), apart from the event
+    /// channel: a subscriber's credit must not wait behind a flood of publishes queued there,
+    /// or its deliveries stall while the core ingests what it cannot deliver.
+    credits: mpsc::UnboundedSender<(ConnId, usize)>,
     /// Held by every connection task: the core waits for all clones to drop on shutdown.
     _alive: mpsc::Sender<()>,
 }
@@ -229,8 +233,10 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
     crate::store_redb::log_restored(&broker, loading);
     let (events_tx, events_rx) = mpsc::channel(8192);
     let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
+    let (credits_tx, credits_rx) = mpsc::unbounded_channel();
     let ctx = ConnContext {
         events: events_tx,
+        credits: credits_tx,
         limits: Arc::new(config.limits.clone()),
         metrics: metrics.clone(),
         permits: Arc::new(Semaphore::new(config.limits.max_connections)),
@@ -240,6 +246,7 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
     let core = tokio::spawn(run_core(
         broker,
         events_rx,
+        credits_rx,
         shutdown_rx.clone(),
         config.clone(),
         metrics.clone(),
@@ -546,7 +553,7 @@ async fn drive<R, W>(
                         let publishes = outbox.finish();
                         if publishes > 0
                             && !closed_sent
-                            && !send_event(&ctx.events, Event::Written { conn, n: publishes }).await
+                            && ctx.credits.send((conn, publishes)).is_err()
                         {
                             break;
                         }
@@ -857,10 +864,13 @@ fn write_varint(buf: &mut BytesMut, mut v: usize) {
 async fn run_core(
     mut broker: Broker<Box<dyn Store>>,
     mut events: mpsc::Receiver<Event>,
+    mut credits: mpsc::UnboundedReceiver<(ConnId, usize)>,
     mut shutdown: watch::Receiver<bool>,
     config: Config,
     metrics: Arc<Metrics>,
 ) {
+    let mut written = Vec::with_capacity(256);
+    let mut credits_open = true;
     let mut handles: FastMap<ConnId, ConnQueue> = FastMap::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -911,6 +921,21 @@ async fn run_core(
                     sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
                 } else {
                     broker.flush_store();
+                }
+            }
+            n = credits.recv_many(&mut written, 256), if credits_open => {
+                if n == 0 {
+                    credits_open = false;
+                    continue;
+                }
+                let now = Instant::now();
+                for (conn, n) in written.drain(..) {
+                    broker.handle_written(conn, n, now);
+                }
+                if hold {
+                    sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
+                } else {
+                    dispatch(&mut broker, &mut handles, now);
                 }
             }
             result = crate::broker::committed(&mut committing) => {
@@ -1221,8 +1246,10 @@ mod size_tests {
         }
         let (events, _rx) = mpsc::channel::<Event>(1);
         let (alive, _alive_rx) = mpsc::channel::<()>(1);
+        let (credits, _credits_rx) = mpsc::unbounded_channel();
         let ctx = ConnContext {
             events,
+            credits,
             limits: Arc::default(),
             metrics: Arc::new(Metrics::new()),
             permits: Arc::new(Semaphore::new(1)),

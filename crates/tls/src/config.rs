@@ -383,8 +383,10 @@ impl ServerConfigBuilder {
         if self.max_early_data > 0 {
             b.set_max_early_data(u32::MAX)?;
             // OpenSSL's anti-replay cache would make every ticket single-use per process and
-            // refuse 0-RTT on any other; QUIC 0-RTT carries only idempotent-safe data for MQTT
-            // (CONNECT and QoS>0 publishes are deduplicated by packet id), as in ngtcp2's server.
+            // refuse 0-RTT on any other, as in ngtcp2's server. Early data can therefore be
+            // replayed: the application must limit what it serves before the handshake
+            // completes (mqttd serves only the CONNECT; see mqttd's quic.rs for what a replayed
+            // CONNECT can still do). `max_early_data` is only set when the user enabled 0-RTT.
             b.set_options(openssl::ssl::SslOptions::from_bits_retain(
                 crate::ossl::SSL_OP_NO_ANTI_REPLAY,
             ));

@@ -412,6 +412,21 @@ mod tests {
         std::iter::from_fn(|| b.poll_transmit()).collect()
     }
 
+    /// A SUBSCRIBE to topic `t` at `qos`.
+    fn subscribe_t(qos: QoS) -> Packet {
+        Packet::Subscribe(Subscribe {
+            packet_id: NonZeroU16::MIN,
+            filters: vec![SubscribeFilter {
+                filter: TopicFilter::new("t").expect("filter"),
+                options: SubscriptionOptions {
+                    qos,
+                    ..SubscriptionOptions::default()
+                },
+            }],
+            properties: Default::default(),
+        })
+    }
+
     fn publish(qos: QoS, id: u16) -> Packet {
         Packet::Publish(Publish::new(
             Topic::new("t").expect("topic"),
@@ -456,21 +471,7 @@ mod tests {
         let mut b = broker(fail.clone());
         let now = Instant::now();
         connect(&mut b, 1, "sub", ProtocolVersion::V5);
-        b.handle_packet(
-            1,
-            Packet::Subscribe(Subscribe {
-                packet_id: NonZeroU16::MIN,
-                filters: vec![SubscribeFilter {
-                    filter: TopicFilter::new("t").expect("filter"),
-                    options: SubscriptionOptions {
-                        qos: QoS::ExactlyOnce,
-                        ..SubscriptionOptions::default()
-                    },
-                }],
-                properties: Default::default(),
-            }),
-            now,
-        );
+        b.handle_packet(1, subscribe_t(QoS::ExactlyOnce), now);
         b.commit().expect("commit");
         drain(&mut b);
         b.handle_packet(1, Packet::Disconnect(Default::default()), now);
@@ -601,21 +602,7 @@ mod tests {
         c.clean_start = false;
         c.properties.session_expiry_interval = Some(3600);
         b.handle_connect(1, IpAddr::V4(Ipv4Addr::LOCALHOST), c, now);
-        b.handle_packet(
-            1,
-            Packet::Subscribe(Subscribe {
-                packet_id: NonZeroU16::MIN,
-                filters: vec![SubscribeFilter {
-                    filter: TopicFilter::new("t").expect("filter"),
-                    options: SubscriptionOptions {
-                        qos: QoS::AtLeastOnce,
-                        ..SubscriptionOptions::default()
-                    },
-                }],
-                properties: Default::default(),
-            }),
-            now,
-        );
+        b.handle_packet(1, subscribe_t(QoS::AtLeastOnce), now);
         b.handle_packet(1, Packet::Disconnect(Default::default()), now);
         let mut c = Connect::new(
             ProtocolVersion::V5,

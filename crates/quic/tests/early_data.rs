@@ -1,7 +1,9 @@
 //! Server-side early acceptance (`Connecting::into_0rtt` on the server): 0-RTT stream data is
 //! read before the handshake completes and the answer leaves as 0.5-RTT data, one round trip
-//! sooner than after the handshake. Measured in round trips through a relay that delays every
-//! datagram, with an independent client (quinn).
+//! sooner than after the handshake, with an independent client (quinn). Round trips are counted
+//! by causality through a relay that delays every datagram: the early answer must reach the
+//! client while the relay holds everything the client sent after hearing the server (its
+//! second flight), and an answer after the handshake takes at least two round trips.
 
 mod support;
 
@@ -10,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqttd_quic::Endpoint;
-use support::{Pki, spawn_delay_relay};
+use mqttd_test_support::{Link, Relay};
+use support::Pki;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(30);
-/// One-way delay of the relay; a round trip is twice that (large enough that a busy machine
-/// cannot blur a whole round trip).
+/// One-way delay of the relay; a round trip is twice that. The client's first flight is what it
+/// sends within one round trip of its first datagram (it writes its request right away).
 const ONE_WAY: Duration = Duration::from_millis(100);
 
 fn localhost() -> SocketAddr {
@@ -78,20 +81,35 @@ async fn exchange(conn: &quinn::Connection, request: &[u8]) -> Vec<u8> {
 }
 
 /// A resumed quinn connection sending `request` as 0-RTT data: how long from the first
-/// datagram to the answer, and whether the server accepted the early data.
+/// datagram to the answer, and whether the server accepted the early data. With `gated`, the
+/// relay holds the client's second flight until the answer has arrived (and asserts that
+/// there was one to hold).
 async fn zero_rtt_exchange(
     client: &quinn::Endpoint,
-    relay: SocketAddr,
+    relay: &Relay,
     request: &[u8],
+    gated: bool,
 ) -> (Duration, bool) {
+    if gated {
+        relay.hold_after_reply();
+    }
     let start = Instant::now();
-    let connecting = client.connect(relay, "localhost").expect("connect");
+    let connecting = client.connect(relay.addr(), "localhost").expect("connect");
     let Ok((conn, accepted)) = connecting.into_0rtt() else {
         panic!("quinn has no 0-RTT ticket from our server");
     };
-    let echo = exchange(&conn, request).await;
+    let echo = timeout(LIMIT / 2, exchange(&conn, request))
+        .await
+        .expect("the answer arrives (with the client's second flight held if gated)");
     let elapsed = start.elapsed();
     assert_eq!(echo, request);
+    if gated {
+        // The client finished its side of the handshake on the server's reply; its Finished
+        // never reached the server, so the answer came from the first flight alone.
+        let held = relay.wait_held(LIMIT / 4).await;
+        assert!(held > 0, "the client's second flight was never held back");
+        relay.release();
+    }
     let accepted = accepted.await;
     conn.close(0u32.into(), b"");
     (elapsed, accepted)
@@ -106,14 +124,14 @@ async fn server_reads_0rtt_data_before_the_handshake_and_answers_a_round_trip_so
         let server = Endpoint::server(cfg, localhost()).expect("server");
         let (tx, mut seen) = mpsc::unbounded_channel();
         spawn_early_server(server.clone(), tx);
-        let relay = spawn_delay_relay(server.local_addr(), ONE_WAY).await;
+        let relay = Relay::start(server.local_addr(), Link::delay(ONE_WAY)).await;
         let rtt = (ONE_WAY * 2).as_secs_f64();
         let mut client = quinn::Endpoint::client(localhost()).expect("quinn client");
         client.set_default_client_config(pki.quinn_client_config());
 
         // A full handshake first, for the session ticket.
         let conn = client
-            .connect(relay, "localhost")
+            .connect(relay.addr(), "localhost")
             .expect("connect")
             .await
             .expect("handshake through the relay");
@@ -125,8 +143,9 @@ async fn server_reads_0rtt_data_before_the_handshake_and_answers_a_round_trip_so
         conn.close(0u32.into(), b"");
 
         // Resumed: the request is 0-RTT data; the server reads it before the handshake
-        // completes and its answer arrives after one round trip.
-        let (early, accepted) = zero_rtt_exchange(&client, relay, b"early").await;
+        // completes and its answer arrives after one round trip: while the relay holds the
+        // client's second flight.
+        let (early, accepted) = zero_rtt_exchange(&client, &relay, b"early", true).await;
         assert!(accepted, "our server rejected quinn's 0-RTT");
         let s = seen.recv().await.expect("server saw the early request");
         assert_eq!(s.request, b"early");
@@ -137,23 +156,20 @@ async fn server_reads_0rtt_data_before_the_handshake_and_answers_a_round_trip_so
         assert!(s.zero_rtt);
 
         // The same, but the server answers only after the handshake: two round trips.
-        let (late, accepted) = zero_rtt_exchange(&client, relay, b"late").await;
+        let (late, accepted) = zero_rtt_exchange(&client, &relay, b"late", false).await;
         assert!(accepted);
         let s = seen.recv().await.expect("server saw the late request");
         assert!(!s.handshake_done_at_read && s.zero_rtt);
 
         let early_rtts = early.as_secs_f64() / rtt;
         let late_rtts = late.as_secs_f64() / rtt;
+        // Wall-clock figures for the log only: a loaded machine adds to both. The round trip
+        // saved is shown by the gate above, the two of the late answer by the lower bound.
         eprintln!("0.5-RTT answer after {early_rtts:.2} RTT, after-handshake answer after {late_rtts:.2} RTT");
-        assert!(
-            early_rtts <= 1.5,
-            "the 0.5-RTT answer took {early_rtts:.2} RTT (expected about 1)"
-        );
         assert!(
             late_rtts >= 1.9,
             "an answer after the handshake cannot come before 2 RTT: {late_rtts:.2}"
         );
-        assert!(late_rtts - early_rtts >= 0.6, "no round trip saved");
         client.wait_idle().await;
     })
     .await

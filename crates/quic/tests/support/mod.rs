@@ -132,30 +132,9 @@ pub fn transport() -> TransportConfig {
     }
 }
 
-/// xorshift64*: deterministic randomness for loss and payloads.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-}
+/// xorshift64*: deterministic randomness for loss and payloads (shared with the relay).
+#[allow(unused_imports)]
+pub use mqttd_test_support::Rng;
 
 /// Serves echo on every bidi stream of every connection of our endpoint; echoes datagrams.
 pub fn spawn_echo(ep: mqttd_quic::Endpoint) {
@@ -230,53 +209,4 @@ pub fn spawn_quinn_echo(ep: quinn::Endpoint) {
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(data).into()
-}
-
-/// A UDP relay in front of `server` that delays every datagram by `one_way` in each direction,
-/// keeping their order: a link with a round-trip time of `2 * one_way`. The client is whoever
-/// last sent from an address other than the server's. Returns the relay's address.
-pub async fn spawn_delay_relay(
-    server: std::net::SocketAddr,
-    one_way: Duration,
-) -> std::net::SocketAddr {
-    use tokio::net::UdpSocket;
-    let sock = Arc::new(
-        UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind the relay"),
-    );
-    let addr = sock.local_addr().expect("relay address");
-    // One FIFO queue: datagrams leave in arrival order, each `one_way` after it arrived.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
-        tokio::time::Instant,
-        Vec<u8>,
-        std::net::SocketAddr,
-    )>();
-    let out = sock.clone();
-    tokio::spawn(async move {
-        while let Some((due, data, to)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            let _ = out.send_to(&data, to).await;
-        }
-    });
-    tokio::spawn(async move {
-        let mut client: Option<std::net::SocketAddr> = None;
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            let to = if from == server {
-                match client {
-                    Some(c) => c,
-                    None => continue,
-                }
-            } else {
-                client = Some(from);
-                server
-            };
-            let due = tokio::time::Instant::now() + one_way;
-            if tx.send((due, buf[..n].to_vec(), to)).is_err() {
-                return;
-            }
-        }
-    });
-    addr
 }

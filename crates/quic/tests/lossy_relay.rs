@@ -7,61 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mqttd_quic::Endpoint;
+use mqttd_test_support::{Counts, Link, Relay};
 use support::{Pki, Rng, sha256};
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
 
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
-}
-
-/// Relays between one client (whoever talks first) and `server`, dropping `loss` percent and
-/// delaying a quarter of the rest by 1-15 ms (which reorders them). Returns the relay address.
-async fn spawn_relay(
-    server: SocketAddr,
-    loss: u64,
-    seed: u64,
-) -> (SocketAddr, Arc<Mutex<(u64, u64)>>) {
-    let sock = Arc::new(UdpSocket::bind(localhost()).await.expect("bind relay"));
-    let addr = sock.local_addr().expect("addr");
-    let counts = Arc::new(Mutex::new((0u64, 0u64)));
-    let c = counts.clone();
-    tokio::spawn(async move {
-        let mut rng = Rng(seed);
-        let mut client: Option<SocketAddr> = None;
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            let to = if from == server {
-                match client {
-                    Some(c) => c,
-                    None => continue,
-                }
-            } else {
-                client = Some(from);
-                server
-            };
-            {
-                let mut c = c.lock().expect("counts");
-                c.0 += 1;
-                if rng.chance(loss) {
-                    c.1 += 1;
-                    continue;
-                }
-            }
-            let data = buf[..n].to_vec();
-            if rng.chance(25) {
-                let delay = Duration::from_millis(1 + rng.next() % 15);
-                let sock = sock.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = sock.send_to(&data, to).await;
-                });
-            } else {
-                let _ = sock.send_to(&data, to).await;
-            }
-        }
-    });
-    (addr, counts)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +23,8 @@ async fn four_mib_both_directions_through_a_lossy_reordering_relay() {
         let mut cfg = pki.server_config();
         cfg.transport = Arc::new(support::transport());
         let server = Endpoint::server(cfg, localhost()).expect("server");
-        let (relay, counts) = spawn_relay(server.local_addr(), 5, 0x1055).await;
+        // 5 % loss; a quarter of the rest held back 1-15 ms (reordered).
+        let relay = Relay::start(server.local_addr(), Link::lossy(5, 0x1055)).await;
 
         let up = Rng(21).bytes(4 << 20);
         let down = Rng(22).bytes(4 << 20);
@@ -101,7 +54,7 @@ async fn four_mib_both_directions_through_a_lossy_reordering_relay() {
         let mut cc = pki.client_config();
         cc.transport = Arc::new(support::transport());
         let conn = client
-            .connect(&cc, relay, "localhost")
+            .connect(&cc, relay.addr(), "localhost")
             .expect("connect")
             .await
             .expect("handshake via relay");
@@ -119,7 +72,11 @@ async fn four_mib_both_directions_through_a_lossy_reordering_relay() {
         conn.close(0, b"done");
         let got_up = server_task.await.expect("server task");
         assert_eq!(sha256(&got_up), up_hash, "upload corrupted");
-        let (total, dropped) = *counts.lock().expect("counts");
+        let Counts {
+            received: total,
+            dropped,
+            ..
+        } = relay.counts();
         assert!(
             dropped * 100 >= total * 3,
             "relay dropped only {dropped} of {total}"

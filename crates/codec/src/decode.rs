@@ -78,23 +78,7 @@ pub fn decode(
     };
     let first = buf[0];
     let frame = buf.split_to(len).freeze();
-    prefetch(buf);
     decode_split(first, frame, header, version)
-}
-
-/// Asks for the first cache line of what follows the packet (the next packet's header, when
-/// decoding a stream) while this one is decoded: large packets put each header on a cold line.
-#[inline(always)]
-fn prefetch(rest: &[u8]) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
-    if let Some(b) = rest.first() {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: a prefetch is only a hint: it reads nothing architecturally and cannot
-        // fault; the address is that of a live byte anyway. SSE is enabled for this build.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(b).cast()) };
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
-    let _ = rest;
 }
 
 /// PUBLISH first, on its own small path built in place; everything else through the general
@@ -150,7 +134,6 @@ pub fn decode_bytes(
     };
     let first = buf[0];
     let frame = buf.split_to(len);
-    prefetch(buf);
     decode_split(first, frame, header, version)
 }
 

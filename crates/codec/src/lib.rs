@@ -93,6 +93,8 @@
 //! - Encoding uses the shortest form (acks, DISCONNECT and AUTH omit a Success reason code and
 //!   empty properties), so bytes using a longer legal form re-encode shorter.
 
+#![forbid(unsafe_code)]
+
 mod decode;
 mod error;
 mod packet;

@@ -9,20 +9,24 @@ use std::fmt;
 use std::ops::Deref;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 
 use crate::error::DecodeError;
 
 /// Longest string or binary field MQTT can carry (two-byte length prefix).
 pub const MAX_STRING_LEN: usize = 65_535;
 
-/// A validated MQTT UTF-8 string sharing its bytes with the buffer it was decoded from.
+/// A validated MQTT string sharing its bytes with the buffer it was decoded from.
+///
+/// Held as a [`ByteString`] (UTF-8 checked once, when it is built), so [`MqttString::as_str`]
+/// costs nothing, and hashing agrees with `str`'s (as [`Borrow<str>`] requires).
 #[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MqttString(Bytes);
+pub struct MqttString(ByteString);
 
 impl MqttString {
     /// The empty string.
     pub const fn new() -> Self {
-        Self(Bytes::new())
+        Self(ByteString::new())
     }
 
     /// A string from a `'static` literal, checked.
@@ -31,34 +35,49 @@ impl MqttString {
     }
 
     /// Validates `bytes` as an MQTT string: UTF-8, no U+0000, at most 65,535 bytes.
+    #[inline]
     pub fn from_bytes(bytes: Bytes) -> Result<Self, DecodeError> {
-        check_str(&bytes)?;
-        Ok(Self(bytes))
+        let scan = scan(&bytes)?;
+        Self::from_scanned(bytes, &scan)
     }
 
-    /// Wraps bytes already known to satisfy the invariant (validated UTF-8, no U+0000, short).
-    pub(crate) fn from_checked(bytes: Bytes) -> Self {
-        Self(bytes)
+    /// Finishes [`MqttString::from_bytes`] once [`scan`] has looked at `bytes`: the UTF-8 check
+    /// (one pass of the standard library's validator, the only one the string ever gets), then
+    /// U+0000 (malformed UTF-8 is the error reported when both are wrong).
+    #[inline]
+    pub(crate) fn from_scanned(bytes: Bytes, scan: &Scan) -> Result<Self, DecodeError> {
+        let s = ByteString::try_from(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
+        if scan.has_nul {
+            return Err(DecodeError::NullCharacter);
+        }
+        Ok(Self(s))
+    }
+
+    /// Wraps bytes known to satisfy the invariant (taken from a string validated earlier); the
+    /// UTF-8 check is repeated (the only way to a `str` without `unsafe`), its impossible
+    /// failure gives the empty string.
+    pub(crate) fn from_valid(bytes: Bytes) -> Self {
+        let s = ByteString::try_from(bytes);
+        debug_assert!(s.is_ok(), "unvalidated string");
+        Self(s.unwrap_or_default())
     }
 
     /// The string.
     #[inline]
     pub fn as_str(&self) -> &str {
-        // SAFETY: every constructor either runs `check_str` (which validates UTF-8) or, for
-        // `from_checked`, receives bytes its caller has validated; the bytes are immutable.
-        unsafe { std::str::from_utf8_unchecked(&self.0) }
+        &self.0
     }
 
     /// The underlying bytes (a slice of the receive buffer when decoded).
     #[inline]
     pub fn as_bytes(&self) -> &Bytes {
-        &self.0
+        self.0.as_bytes()
     }
 
     /// Takes the underlying bytes.
     #[inline]
     pub fn into_bytes(self) -> Bytes {
-        self.0
+        self.0.into_bytes()
     }
 
     /// Length in bytes.
@@ -74,90 +93,53 @@ impl MqttString {
     }
 }
 
-/// Checks the MQTT string rules on raw bytes; returns the `str` on success.
+/// Checks the MQTT string rules on raw bytes that are kept in wire form (no `str` needed now):
+/// ASCII, the usual case, is settled by the word-at-a-time scan alone; anything non-ASCII also
+/// goes through the standard UTF-8 check.
 #[inline]
-pub(crate) fn check_str(bytes: &[u8]) -> Result<&str, DecodeError> {
-    check_str_scan(bytes).map(|_| {
-        // SAFETY: `check_str_scan` succeeded, so the bytes are valid UTF-8.
-        unsafe { std::str::from_utf8_unchecked(bytes) }
-    })
+pub(crate) fn check_str_bytes(bytes: &[u8]) -> Result<(), DecodeError> {
+    let scan = scan(bytes)?;
+    if scan.non_ascii {
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
+    }
+    if scan.has_nul {
+        return Err(DecodeError::NullCharacter);
+    }
+    Ok(())
 }
 
-/// What [`check_str_scan`] learned on the way, so topic validation needs no second pass.
+/// What [`scan`] learned in its one pass (exact for arbitrary byte values).
 pub(crate) struct Scan {
-    /// Whether the string contains `+` or `#`.
+    /// Whether any byte is 0x80 or above (then the standard UTF-8 check decides).
+    pub(crate) non_ascii: bool,
+    /// Whether any byte is 0x00 (U+0000: no multi-byte UTF-8 sequence contains a zero byte).
+    pub(crate) has_nul: bool,
+    /// Whether the string contains `+` or `#` (no multi-byte sequence contains those bytes
+    /// either), so topic validation needs no second pass.
     pub(crate) has_wildcard: bool,
+}
+
+/// The length limit, then one word-at-a-time pass over `bytes`. UTF-8 itself is not checked.
+#[inline(always)]
+pub(crate) fn scan(bytes: &[u8]) -> Result<Scan, DecodeError> {
+    if bytes.len() > MAX_STRING_LEN {
+        return Err(DecodeError::StringTooLong(bytes.len()));
+    }
+    let (non_ascii, has_nul, has_wildcard) = scan_words(bytes);
+    Ok(Scan {
+        non_ascii,
+        has_nul,
+        has_wildcard,
+    })
 }
 
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
 
-/// One pass over `bytes`: (any non-ASCII byte, any zero byte, any `+` or `#`). All three
-/// answers are exact for arbitrary byte values.
+/// One pass over `bytes`, eight bytes at a time in a `u64` (SWAR): (any non-ASCII byte, any
+/// zero byte, any `+` or `#`). All three answers are exact for arbitrary byte values.
 #[inline(always)]
 fn scan_words(bytes: &[u8]) -> (bool, bool, bool) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-    if bytes.len() >= 16 {
-        return scan_sse2(bytes);
-    }
-    scan_swar(bytes)
-}
-
-/// Sixteen bytes at a time with SSE2 (part of the x86_64 baseline); the last chunk overlaps
-/// the previous one instead of being padded. `bytes.len() >= 16`.
-#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-#[inline(always)]
-fn scan_sse2(bytes: &[u8]) -> (bool, bool, bool) {
-    use std::arch::x86_64::{
-        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
-        _mm_setzero_si128,
-    };
-    debug_assert!(bytes.len() >= 16);
-    // SAFETY: SSE2 is enabled for this build (the `cfg` above; it is part of the x86_64
-    // baseline), so its register-only intrinsics may be called.
-    let (zero, bit3, plus) = unsafe {
-        (
-            _mm_setzero_si128(),
-            _mm_set1_epi8(0x08),
-            _mm_set1_epi8(b'+' as i8),
-        )
-    };
-    let (mut hi, mut nul, mut wild) = (zero, zero, zero);
-    // Full chunks, then the last sixteen bytes (overlapping the previous chunk when the
-    // length is not a multiple of 16; re-reading bytes does not change the answers).
-    let last = bytes.len() - 16;
-    let mut at = 0;
-    loop {
-        let start = at.min(last);
-        let chunk = &bytes[start..start + 16];
-        // SAFETY: `chunk` holds 16 bytes, exactly what the unaligned 128-bit load reads; the
-        // rest only reads and writes registers. SSE2 is enabled, as above.
-        unsafe {
-            let v = _mm_loadu_si128(chunk.as_ptr().cast());
-            hi = _mm_or_si128(hi, v);
-            nul = _mm_or_si128(nul, _mm_cmpeq_epi8(v, zero));
-            // `+` (0x2B) and `#` (0x23) differ only in bit 3, and no other byte becomes 0x2B
-            // when that bit is set: one comparison finds both.
-            wild = _mm_or_si128(wild, _mm_cmpeq_epi8(_mm_or_si128(v, bit3), plus));
-        }
-        if start == last {
-            break;
-        }
-        at += 16;
-    }
-    // SAFETY: as above, SSE2 is enabled; register-only.
-    unsafe {
-        (
-            _mm_movemask_epi8(hi) != 0,
-            _mm_movemask_epi8(nul) != 0,
-            _mm_movemask_epi8(wild) != 0,
-        )
-    }
-}
-
-/// Eight bytes at a time in a `u64` (SWAR); the portable path, and short strings on x86_64.
-#[inline(always)]
-fn scan_swar(bytes: &[u8]) -> (bool, bool, bool) {
     // Accumulate the zero-byte terms of every word and test their high bits once at the end
     // (`(v - LO) & !v & HI` is non-zero exactly when `v` has a zero byte, and `& HI`
     // distributes over `|`).
@@ -191,25 +173,6 @@ fn scan_swar(bytes: &[u8]) -> (bool, bool, bool) {
     (any & HI != 0, nul & HI != 0, wild & HI != 0)
 }
 
-/// Validates an MQTT string in one pass: ASCII is checked eight bytes at a time for U+0000 and
-/// for the wildcard characters; anything non-ASCII falls back to the standard UTF-8 check.
-#[inline(always)]
-pub(crate) fn check_str_scan(bytes: &[u8]) -> Result<Scan, DecodeError> {
-    if bytes.len() > MAX_STRING_LEN {
-        return Err(DecodeError::StringTooLong(bytes.len()));
-    }
-    let (any, nul, wild) = scan_words(bytes);
-    if any {
-        // Non-ASCII somewhere: the standard check. (The zero tests above are exact for any byte
-        // values, so `nul` and `wild` stand.)
-        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
-    }
-    if nul {
-        return Err(DecodeError::NullCharacter);
-    }
-    Ok(Scan { has_wildcard: wild })
-}
-
 impl Deref for MqttString {
     type Target = str;
     #[inline]
@@ -226,7 +189,7 @@ impl AsRef<str> for MqttString {
 
 impl AsRef<[u8]> for MqttString {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        self.0.as_bytes()
     }
 }
 
@@ -285,38 +248,70 @@ impl TryFrom<Bytes> for MqttString {
 mod tests {
     use super::*;
 
+    /// The byte-by-byte definition of what [`scan_words`] answers.
+    fn bytewise(v: &[u8]) -> (bool, bool, bool) {
+        (
+            v.iter().any(|&b| b >= 0x80),
+            v.contains(&0),
+            v.iter().any(|&b| b == b'+' || b == b'#'),
+        )
+    }
+
     /// The word-at-a-time scan agrees with the obvious byte-by-byte definition for every
-    /// position of a special byte, in ASCII and non-ASCII strings of every length up to 40.
+    /// position of a special byte, in ASCII and non-ASCII strings of every length up to 40, and
+    /// the string checks give the error (or wildcard answer) the rules say.
     #[test]
     fn scan_matches_bytewise_definition() {
         for len in 0..40 {
             for pos in 0..len {
-                for special in [0u8, b'+', b'#', b'a', 0x7F] {
+                for special in [0u8, b'+', b'#', b'a', 0x7F, 0x80, 0xFF] {
                     for prefix in ["", "é"] {
                         let mut v: Vec<u8> = prefix.as_bytes().to_vec();
                         v.extend(std::iter::repeat_n(b'x', len));
                         let at = prefix.len() + pos;
                         v[at] = special;
-                        // The portable path agrees with the one this target uses.
-                        assert_eq!(scan_swar(&v), scan_words(&v), "{v:?}");
-                        let got = check_str_scan(&v);
-                        if special == 0 {
-                            assert_eq!(got.err(), Some(DecodeError::NullCharacter), "{v:?}");
+                        assert_eq!(scan_words(&v), bytewise(&v), "{v:?}");
+                        let got = MqttString::from_bytes(Bytes::from(v.clone()));
+                        let checked = check_str_bytes(&v);
+                        let want = if special >= 0x80 {
+                            Err(DecodeError::InvalidUtf8)
+                        } else if special == 0 {
+                            Err(DecodeError::NullCharacter)
                         } else {
+                            Ok(())
+                        };
+                        assert_eq!(got.as_ref().map(|_| ()), want.as_ref().map(|_| ()), "{v:?}");
+                        assert_eq!(checked, want, "{v:?}");
+                        if want.is_ok() {
                             let wild = special == b'+' || special == b'#';
-                            assert_eq!(got.map(|s| s.has_wildcard).ok(), Some(wild), "{v:?}");
+                            assert_eq!(scan(&v).map(|s| s.has_wildcard).ok(), Some(wild));
+                            assert_eq!(got.map(|s| s.as_str().as_bytes() == v), Ok(true));
                         }
                     }
                 }
             }
         }
+        // Malformed UTF-8 wins over U+0000 when both are present.
         assert_eq!(
-            check_str_scan(&[0xC3, 0x28]).err(),
+            MqttString::from_bytes(Bytes::from_static(&[0xC3, 0x28, 0x00])).err(),
             Some(DecodeError::InvalidUtf8)
         );
         assert_eq!(
-            check_str_scan(&[b'a'; 9][..]).map(|s| s.has_wildcard).ok(),
+            check_str_bytes(&[0xC3, 0x28]),
+            Err(DecodeError::InvalidUtf8)
+        );
+        assert_eq!(
+            scan(&[b'a'; 9][..]).map(|s| s.has_wildcard).ok(),
             Some(false)
         );
+    }
+
+    /// `Borrow<str>` lets a string key be looked up by `&str` in a hash map.
+    #[test]
+    fn hash_agrees_with_str() {
+        let mut map = std::collections::HashMap::new();
+        map.insert(MqttString::from_static("a/b").unwrap(), 1);
+        assert_eq!(map.get("a/b"), Some(&1));
+        assert_eq!(map.get("a/c"), None);
     }
 }

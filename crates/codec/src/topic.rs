@@ -7,7 +7,7 @@ use std::ops::Deref;
 
 use bytes::Bytes;
 
-use crate::string::{MqttString, check_str};
+use crate::string::MqttString;
 
 /// Why a topic name or topic filter is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -45,8 +45,8 @@ impl Topic {
 
     /// Validates a topic name held in `bytes` (no copy).
     pub fn from_bytes(bytes: Bytes) -> Result<Self, TopicError> {
-        check_str(&bytes).map_err(|_| TopicError::InvalidString)?;
-        Self::from_string(MqttString::from_checked(bytes))
+        let s = MqttString::from_bytes(bytes).map_err(|_| TopicError::InvalidString)?;
+        Self::from_string(s)
     }
 
     /// Validates an MQTT string as a topic name.
@@ -166,8 +166,8 @@ impl TopicFilter {
 
     /// Validates a topic filter held in `bytes` (no copy).
     pub fn from_bytes(bytes: Bytes) -> Result<Self, TopicError> {
-        check_str(&bytes).map_err(|_| TopicError::InvalidString)?;
-        Self::from_string(MqttString::from_checked(bytes))
+        let s = MqttString::from_bytes(bytes).map_err(|_| TopicError::InvalidString)?;
+        Self::from_string(s)
     }
 
     /// Validates an MQTT string as a topic filter.

@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
 use crate::properties::PropertyId;
-use crate::string::{MqttString, check_str};
+use crate::string::{MqttString, check_str_bytes};
 
 /// A User Property: a name/value pair of UTF-8 strings.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -83,8 +83,8 @@ impl UserProperties {
         while pos < raw.len() {
             let (n0, n1, v0, v1) = entry(raw, pos);
             out.push(UserProperty::new(
-                MqttString::from_checked(raw.slice(n0..n1)),
-                MqttString::from_checked(raw.slice(v0..v1)),
+                MqttString::from_valid(raw.slice(n0..n1)),
+                MqttString::from_valid(raw.slice(v0..v1)),
             ));
             pos = v1;
         }
@@ -98,8 +98,8 @@ impl UserProperties {
 
     /// Appends a pair, validating both strings (copies the existing properties once).
     pub fn push(&mut self, name: &str, value: &str) -> Result<(), DecodeError> {
-        check_str(name.as_bytes())?;
-        check_str(value.as_bytes())?;
+        check_str_bytes(name.as_bytes())?;
+        check_str_bytes(value.as_bytes())?;
         self.push_unchecked(name.as_bytes(), value.as_bytes());
         Ok(())
     }
@@ -155,6 +155,15 @@ fn entry(raw: &[u8], pos: usize) -> (usize, usize, usize, usize) {
     (n0, n1, v0, v1)
 }
 
+/// `bytes` as a `str`; `bytes` is known to be valid UTF-8 (the type's invariant), so the
+/// empty fallback is never taken.
+#[inline]
+fn valid_str(bytes: &[u8]) -> &str {
+    let s = std::str::from_utf8(bytes);
+    debug_assert!(s.is_ok(), "unvalidated User Property {bytes:?}");
+    s.unwrap_or_default()
+}
+
 /// Iterator over `(name, value)` pairs.
 #[derive(Debug, Clone)]
 pub struct Iter<'a> {
@@ -171,14 +180,9 @@ impl<'a> Iterator for Iter<'a> {
         }
         let (n0, n1, v0, v1) = entry(self.raw, self.pos);
         self.pos = v1;
-        // SAFETY: by the type's invariant both ranges hold validated UTF-8.
-        let (n, v) = unsafe {
-            (
-                std::str::from_utf8_unchecked(&self.raw[n0..n1]),
-                std::str::from_utf8_unchecked(&self.raw[v0..v1]),
-            )
-        };
-        Some((n, v))
+        // Kept in wire form, so each string is checked again here (the standard check; the
+        // entries were validated when they were decoded or pushed, so it always passes).
+        Some((valid_str(&self.raw[n0..n1]), valid_str(&self.raw[v0..v1])))
     }
 }
 

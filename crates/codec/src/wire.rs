@@ -8,7 +8,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
-use crate::string::{MqttString, check_str};
+use crate::string::{MqttString, check_str_bytes};
 
 /// The largest value a Variable Byte Integer can hold (§1.5.5): 268,435,455.
 pub const VARINT_MAX: u32 = 268_435_455;
@@ -163,7 +163,7 @@ impl Reader {
     pub(crate) fn skip_string(&mut self) -> Result<(), DecodeError> {
         let len = usize::from(self.u16()?);
         self.need(len)?;
-        check_str(&self.buf[self.pos..self.pos + len])?;
+        check_str_bytes(&self.buf[self.pos..self.pos + len])?;
         self.pos += len;
         Ok(())
     }
@@ -258,32 +258,44 @@ impl Reader {
     }
 }
 
-/// Reserves `len` bytes at the end of `buf`, lets `f` write them through a [`Cursor`] and
-/// appends what it wrote. The encoders compute the exact length first, so this is one
-/// reservation and one length update per packet instead of a capacity check, a copy and a
-/// length update per `put`.
+/// Appends `len` bytes to `buf` and lets `f` write them through a [`Cursor`]. The encoders
+/// compute the exact length first, so this is one capacity check and one length update per
+/// packet instead of a capacity check, a copy and a length update per `put`.
+///
+/// The bytes are zeroed before the cursor overwrites them (safe code cannot expose spare
+/// capacity otherwise). A short write (a packet head, a small packet) zeroes a fixed-size
+/// block, a few inlined vector stores instead of a `memset` call, and cuts the length back to
+/// `len`; this is done only when `buf` already has that much spare capacity, so it never grows
+/// the buffer beyond what the packet needs. A large payload is better appended after the head
+/// with `put_slice` (one `memcpy`, nothing zeroed).
 #[inline(always)]
 pub(crate) fn write_reserved(buf: &mut BytesMut, len: usize, f: impl FnOnce(&mut Cursor<'_>)) {
-    buf.reserve(len);
+    let start = buf.len();
+    let spare = buf.capacity() - start;
+    if len <= 64 && spare >= 64 {
+        buf.extend_from_slice(&[0; 64]);
+        buf.truncate(start + len);
+    } else if len <= 128 && spare >= 128 {
+        buf.extend_from_slice(&[0; 128]);
+        buf.truncate(start + len);
+    } else {
+        buf.resize(start + len, 0);
+    }
     let mut c = Cursor {
-        dst: &mut buf.spare_capacity_mut()[..len],
+        dst: &mut buf[start..],
         pos: 0,
     };
     f(&mut c);
-    let n = c.pos;
-    debug_assert_eq!(n, len, "encoded length differs from the computed length");
-    // SAFETY: the cursor initialised `dst[..n]`, the first `n` bytes of the spare capacity (its
-    // invariant), and `n <= len <= ` the spare capacity, so the new length covers only
-    // initialised bytes within the allocation.
-    unsafe { buf.set_len(buf.len() + n) };
+    debug_assert_eq!(
+        c.pos, len,
+        "encoded length differs from the computed length"
+    );
 }
 
-/// A writer over reserved capacity; every write is bounds-checked against the reservation
-/// (overrunning it panics: an encoder length bug, never input-driven).
-///
-/// Invariant: `dst[..pos]` has been initialised by the cursor's writes.
+/// A writer over the bytes [`write_reserved`] appended; every write is bounds-checked against
+/// them (overrunning panics: an encoder length bug, never input-driven).
 pub(crate) struct Cursor<'a> {
-    dst: &'a mut [std::mem::MaybeUninit<u8>],
+    dst: &'a mut [u8],
     pos: usize,
 }
 
@@ -297,16 +309,16 @@ impl Cursor<'_> {
         // Topics, short payloads and property values are mostly small: copy them with a few
         // overlapping fixed-size moves (inlined) instead of a call to `memcpy`.
         if (16..=32).contains(&n) {
-            dst[..16].write_copy_of_slice(&src[..16]);
-            dst[n - 16..].write_copy_of_slice(&src[n - 16..]);
+            dst[..16].copy_from_slice(&src[..16]);
+            dst[n - 16..].copy_from_slice(&src[n - 16..]);
         } else if (32..=64).contains(&n) {
-            dst[..32].write_copy_of_slice(&src[..32]);
-            dst[n - 32..].write_copy_of_slice(&src[n - 32..]);
+            dst[..32].copy_from_slice(&src[..32]);
+            dst[n - 32..].copy_from_slice(&src[n - 32..]);
         } else if (8..16).contains(&n) {
-            dst[..8].write_copy_of_slice(&src[..8]);
-            dst[n - 8..].write_copy_of_slice(&src[n - 8..]);
+            dst[..8].copy_from_slice(&src[..8]);
+            dst[n - 8..].copy_from_slice(&src[n - 8..]);
         } else {
-            dst.write_copy_of_slice(src);
+            dst.copy_from_slice(src);
         }
         self.pos = end;
     }
@@ -314,7 +326,7 @@ impl Cursor<'_> {
     /// One byte.
     #[inline(always)]
     pub(crate) fn u8(&mut self, v: u8) {
-        self.dst[self.pos].write(v);
+        self.dst[self.pos] = v;
         self.pos += 1;
     }
 
@@ -362,22 +374,26 @@ mod tests {
     use super::*;
 
     /// Every copy size (the inlined small-copy branches and the `memcpy` one) writes exactly
-    /// the source bytes after what was already written, and the buffer length follows.
+    /// the source bytes after what was already written, and the buffer length follows, whether
+    /// the buffer has just enough room (zero-filled in place) or plenty (fixed-size blocks).
     #[test]
     fn cursor_copies_every_size_exactly() {
         let src: Vec<u8> = (0..=255u8).collect();
-        for n in 0..=200 {
-            let mut buf = BytesMut::from(&b"xy"[..]);
-            write_reserved(&mut buf, 3 + n + 2, |c| {
-                c.u8(0xAA);
-                c.u16(0x0102);
-                c.slice(&src[..n]);
-                c.u16(0xBEEF);
-            });
-            let mut want = vec![b'x', b'y', 0xAA, 0x01, 0x02];
-            want.extend_from_slice(&src[..n]);
-            want.extend_from_slice(&[0xBE, 0xEF]);
-            assert_eq!(&buf[..], &want[..], "n = {n}");
+        for spare in [0, 64, 128, 1024] {
+            for n in 0..=200 {
+                let mut buf = BytesMut::with_capacity(2 + spare);
+                buf.put_slice(b"xy");
+                write_reserved(&mut buf, 3 + n + 2, |c| {
+                    c.u8(0xAA);
+                    c.u16(0x0102);
+                    c.slice(&src[..n]);
+                    c.u16(0xBEEF);
+                });
+                let mut want = vec![b'x', b'y', 0xAA, 0x01, 0x02];
+                want.extend_from_slice(&src[..n]);
+                want.extend_from_slice(&[0xBE, 0xEF]);
+                assert_eq!(&buf[..], &want[..], "n = {n}, spare = {spare}");
+            }
         }
     }
 

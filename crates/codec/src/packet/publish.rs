@@ -7,7 +7,7 @@ use crate::error::{DecodeError, EncodeError};
 use crate::packet::Packet;
 use crate::properties::{PublishProperties, section_len};
 use crate::protocol::{PacketId, ProtocolVersion, QoS};
-use crate::string::{MqttString, check_str_scan};
+use crate::string::{MqttString, Scan, check_str_bytes, scan};
 use crate::topic::{Topic, TopicError};
 use crate::wire::{Reader, VARINT_MAX, write_binary, write_reserved};
 
@@ -83,7 +83,9 @@ impl Publish {
         };
         let Some(id_bytes) = raw.get(topic_end..pos) else {
             // Truncated in the packet identifier: a bad topic is still the error to report.
-            check_topic(&raw[topic_at..topic_end], v5)?;
+            let name = &raw[topic_at..topic_end];
+            check_str_bytes(name)?;
+            check_topic(&scan(name)?, name.is_empty(), v5)?;
             return Err(DecodeError::UnexpectedEof);
         };
         // Two bytes with QoS 1 and 2, none with QoS 0 (then unused).
@@ -98,8 +100,11 @@ impl Publish {
         if !v5 {
             frame.advance(pos);
         }
-        check_topic(&topic, v5)?;
-        let topic = Topic::from_checked(MqttString::from_checked(topic));
+        // One word-at-a-time pass (U+0000, wildcards), the standard UTF-8 check, then the rules.
+        let scanned = scan(&topic)?;
+        let topic = MqttString::from_scanned(topic, &scanned)?;
+        check_topic(&scanned, topic.is_empty(), v5)?;
+        let topic = Topic::from_checked(topic);
         let packet_id = if qos == QoS::AtMostOnce {
             None
         } else {
@@ -215,11 +220,13 @@ impl Publish {
         if body > VARINT_MAX as usize {
             return Err(EncodeError::PacketTooLarge(body));
         }
-        let mut reserve = 1 + crate::wire::varint_len(body) + body;
-        if !with_payload {
-            reserve -= self.payload.len();
+        let total = 1 + crate::wire::varint_len(body) + body;
+        if with_payload {
+            // One reservation for the whole packet: the head, then the payload appended with
+            // one copy.
+            buf.reserve(total);
         }
-        write_reserved(buf, reserve, |c| {
+        write_reserved(buf, total - self.payload.len(), |c| {
             c.u8((3 << 4) | self.flags());
             c.varint(body);
             // Topics are at most 65,535 bytes (an `MqttString` invariant).
@@ -230,10 +237,10 @@ impl Publish {
             if version.is_v5() {
                 self.properties.write_to(c, props);
             }
-            if with_payload {
-                c.slice(&self.payload);
-            }
         });
+        if with_payload {
+            buf.put_slice(&self.payload);
+        }
         Ok(())
     }
 
@@ -267,16 +274,17 @@ impl Publish {
     }
 }
 
-/// The Topic Name rules on raw bytes: an MQTT string without wildcards, empty only in 5.0
-/// (where a Topic Alias must then be present, checked with the properties).
+/// The Topic Name rules once the name is known to be an MQTT string (`scanned` describes it):
+/// no wildcards, empty only in 5.0 (where a Topic Alias must then be present, checked with the
+/// properties).
 #[inline(always)]
-fn check_topic(name: &[u8], v5: bool) -> Result<(), DecodeError> {
-    if check_str_scan(name)?.has_wildcard {
+fn check_topic(scanned: &Scan, empty: bool, v5: bool) -> Result<(), DecodeError> {
+    if scanned.has_wildcard {
         return Err(DecodeError::InvalidTopicName(
             TopicError::WildcardInTopicName,
         ));
     }
-    if name.is_empty() && !v5 {
+    if empty && !v5 {
         return Err(DecodeError::InvalidTopicName(TopicError::Empty));
     }
     Ok(())

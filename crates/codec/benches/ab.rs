@@ -3,12 +3,21 @@
 //! which goes first), and the report gives the median of each and the ratio of medians.
 //! Same cases as `benches/codec.rs` (the criterion bench).
 //!
+//! Two extra kinds of rows, which are NOT like-for-like comparisons of the two codecs:
+//! - `memcpy_floor/...`: a bare `put_slice` of the payload into a reserved `BytesMut`, at the
+//!   same offset (and so the same alignment) as the payload in the encoded packet, timed
+//!   against both encoders in the same rounds. Any encoder that copies the payload into one
+//!   `BytesMut` pays it, so `rumqttc / floor` is the highest ratio a copying encoder can reach.
+//! - `encode_head_zero_copy/...`: our `Publish::encode_head` (everything but the payload) plus
+//!   a handle on the payload `Bytes` for a vectored write, against rumqttc's full copying
+//!   encode: a different API doing less work, shown for what it saves.
+//!
 //! `cargo bench -p mqttd-codec --bench ab`
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use mqttd_codec::{Packet, PacketId, ProtocolVersion, Publish, QoS, Topic, decode};
 use rumqttc::mqttbytes::v4 as r4;
 use rumqttc::v5::mqttbytes::v5 as r5;
@@ -131,6 +140,34 @@ fn ab<I>(
     (ta[rounds / 2], tb[rounds / 2])
 }
 
+/// Median nanoseconds per call of `a`, `b` and `c`, interleaved (the order rotates each round).
+fn ab3(mut a: impl FnMut(), mut b: impl FnMut(), mut c: impl FnMut()) -> (f64, f64, f64) {
+    const CALLS: usize = 1000;
+    let rounds = rounds();
+    let mut t = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for k in 0..3 {
+            let which = (round + k) % 3;
+            let f: &mut dyn FnMut() = match which {
+                0 => &mut a,
+                1 => &mut b,
+                _ => &mut c,
+            };
+            let start = Instant::now();
+            for _ in 0..CALLS {
+                f();
+            }
+            t[which].push(start.elapsed().as_nanos() as f64 / CALLS as f64);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[rounds / 2]
+    };
+    let [ta, tb, tc] = &mut t;
+    (med(ta), med(tb), med(tc))
+}
+
 fn report(name: &str, (ours, theirs): (f64, f64)) {
     println!(
         "{name:<40} mqttd {ours:>12.1} ns   rumqttc {theirs:>12.1} ns   ratio {:.2}x",
@@ -193,6 +230,65 @@ fn main() {
                             out.clear();
                             packet.encode(version, &mut out).unwrap();
                             black_box(&out);
+                        },
+                        |_| {
+                            out2.clear();
+                            match &t {
+                                Theirs::V4(p) => p.write(&mut out2).unwrap(),
+                                Theirs::V5(p) => p.write(&mut out2).unwrap(),
+                            };
+                            black_box(&out2);
+                        },
+                    ),
+                );
+            }
+
+            let payload_at = wire.len() - size;
+            if wanted(&format!("memcpy_floor/{case}")) {
+                // The bare payload copy, at the payload's offset in the packet.
+                let mut floor = aligned(2 * wire.len());
+                floor.extend_from_slice(&wire[..payload_at]);
+                let payload = p.payload.clone();
+                let (tf, to, tt) = ab3(
+                    || {
+                        floor.truncate(payload_at);
+                        floor.put_slice(&payload);
+                        black_box(&floor);
+                    },
+                    || {
+                        out.clear();
+                        packet.encode(version, &mut out).unwrap();
+                        black_box(&out);
+                    },
+                    || {
+                        out2.clear();
+                        match &t {
+                            Theirs::V4(p) => p.write(&mut out2).unwrap(),
+                            Theirs::V5(p) => p.write(&mut out2).unwrap(),
+                        };
+                        black_box(&out2);
+                    },
+                );
+                println!(
+                    "{:<40} floor {tf:>12.1} ns   mqttd {to:>10.1} ns   rumqttc {tt:>10.1} ns   \
+                     rumqttc/floor {:.2}x   mqttd/floor {:.2}x",
+                    format!("memcpy_floor/{case}"),
+                    tt / tf,
+                    to / tf
+                );
+            }
+            if wanted(&format!("encode_head_zero_copy/{case}")) {
+                report(
+                    &format!("encode_head_zero_copy/{case}"),
+                    ab(
+                        1000,
+                        || (),
+                        |_| {
+                            // What a writer needs for `head.chain(payload)` / writev.
+                            out.clear();
+                            p.encode_head(version, &mut out).unwrap();
+                            let payload = p.payload.clone();
+                            black_box((&out, &payload));
                         },
                         |_| {
                             out2.clear();

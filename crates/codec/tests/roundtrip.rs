@@ -4,7 +4,7 @@
 
 mod common;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use mqttd_codec::*;
 use proptest::prelude::*;
 
@@ -39,11 +39,33 @@ proptest! {
 
     /// The head plus the payload is exactly the packet.
     #[test]
-    fn publish_head_plus_payload_is_the_packet((v, p) in common::version().prop_flat_map(|v| (Just(v), common::publish(v)))) {
+    fn publish_head_plus_payload_is_the_packet(
+        (v, p) in common::version().prop_flat_map(|v| (Just(v), common::publish(v))),
+        prefix in proptest::collection::vec(any::<u8>(), 0..80),
+        spare in prop_oneof![Just(0usize), 0usize..300, Just(4096)],
+    ) {
+        let packet = Packet::Publish(p.clone()).to_bytes(v).unwrap();
+        // Head alone, then the payload chained after it (what a vectored write sends).
         let mut head = BytesMut::new();
         p.encode_head(v, &mut head).unwrap();
+        let mut chained = head.clone().freeze().chain(p.payload.clone());
+        prop_assert_eq!(chained.copy_to_bytes(chained.remaining()), packet.clone());
         head.extend_from_slice(&p.payload);
-        prop_assert_eq!(head.freeze(), Packet::Publish(p).to_bytes(v).unwrap());
+        prop_assert_eq!(head.freeze(), packet.clone());
+        // Both encoders append exactly the packet after what the buffer held, whatever its
+        // spare capacity.
+        for with_payload in [false, true] {
+            let mut buf = BytesMut::with_capacity(prefix.len() + spare);
+            buf.extend_from_slice(&prefix);
+            if with_payload {
+                Packet::Publish(p.clone()).encode(v, &mut buf).unwrap();
+            } else {
+                p.encode_head(v, &mut buf).unwrap();
+                buf.extend_from_slice(&p.payload);
+            }
+            prop_assert_eq!(&buf[..prefix.len()], &prefix[..]);
+            prop_assert_eq!(&buf[prefix.len()..], &packet[..]);
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! 0-RTT and the listener's migration option, through the real binary.
 //!
 //! - With `quic_zero_rtt`, a resumed client's CONNECT travels as 0-RTT data and the CONNACK
-//!   comes back one round trip sooner than after a full handshake, measured in round trips
-//!   through a relay that delays every datagram (the independent quinn + mqttbytes client).
-//!   The same with the mqttd-quic client (`Connecting::into_0rtt`).
+//!   comes back one round trip sooner than after a full handshake (the independent quinn +
+//!   mqttbytes client; the same with the mqttd-quic client, `Connecting::into_0rtt`). Round
+//!   trips are counted by causality through a relay that delays every datagram: the 0-RTT
+//!   CONNACK must arrive while the relay holds everything the client sent after hearing the
+//!   server (its second flight); a full handshake's CONNACK takes at least two round trips.
 //! - With `quic_migration = false` the listener sends `disable_active_migration` (seen by an
 //!   mqttd-quic client), and a client whose address changes anyway is still followed: a
 //!   client migrating by itself, and a NAT in front of it rebinding to a new outside port.
@@ -12,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mqttd_test_support::{Link, Relay};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, Subscribe};
 use tokio::net::UdpSocket;
@@ -19,45 +22,9 @@ use tokio::net::UdpSocket;
 use crate::client::{QuicMqtt, WAIT, quinn_config_0rtt, quinn_endpoint};
 use crate::{Broker, run};
 
-/// One-way delay of the relay: a round trip is twice that. Large enough that a busy machine
-/// (this test binary runs its other tests in parallel) cannot blur a whole round trip.
+/// One-way delay of the relay: a round trip is twice that. The client's first flight is what it
+/// sends within one round trip of its first datagram (it writes CONNECT right away).
 const ONE_WAY: Duration = Duration::from_millis(100);
-
-/// A UDP relay in front of `server` that delays every datagram by `one_way` each way, in
-/// order. The client is whoever last sent from an address other than the server's.
-async fn delay_relay(server: SocketAddr, one_way: Duration) -> SocketAddr {
-    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
-    let addr = sock.local_addr().expect("relay address");
-    let (tx, mut rx) =
-        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>, SocketAddr)>();
-    let out = sock.clone();
-    tokio::spawn(async move {
-        while let Some((due, data, to)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            let _ = out.send_to(&data, to).await;
-        }
-    });
-    tokio::spawn(async move {
-        let mut client = None;
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            let to = if from == server {
-                match client {
-                    Some(c) => c,
-                    None => continue,
-                }
-            } else {
-                client = Some(from);
-                server
-            };
-            let due = tokio::time::Instant::now() + one_way;
-            if tx.send((due, buf[..n].to_vec(), to)).is_err() {
-                return;
-            }
-        }
-    });
-    addr
-}
 
 /// Time from the first datagram to CONNACK with a full handshake: the client completes the
 /// handshake (1 RTT), then sends CONNECT (1 more RTT).
@@ -89,16 +56,18 @@ async fn full_handshake_connack(
 }
 
 /// A resumed connection: CONNECT and a SUBSCRIBE both sent as 0-RTT data. Returns the times
-/// to CONNACK and to SUBACK, and whether the broker accepted the early data.
+/// to CONNACK and to SUBACK, and whether the broker accepted the early data. The CONNACK must
+/// arrive while `relay` holds the client's second flight (released once it has).
 async fn zero_rtt_connack(
     ep: &quinn::Endpoint,
     config: &quinn::ClientConfig,
-    relay: SocketAddr,
+    relay: &Relay,
     id: &str,
 ) -> (Duration, Duration, bool, QuicMqtt) {
+    relay.hold_after_reply();
     let start = Instant::now();
     let connecting = ep
-        .connect_with(config.clone(), relay, "localhost")
+        .connect_with(config.clone(), relay.addr(), "localhost")
         .expect("connect");
     let Ok((conn, accepted)) = connecting.into_0rtt() else {
         panic!("quinn has no 0-RTT ticket from the broker");
@@ -116,6 +85,13 @@ async fn zero_rtt_connack(
         }
         other => panic!("expected CONNACK, got {other:?}"),
     };
+    // The client finished its side of the handshake on the broker's reply; that Finished never
+    // reached the broker, so the CONNACK was the answer to the first flight alone.
+    assert!(
+        relay.wait_held(WAIT).await > 0,
+        "the client's second flight was never held back"
+    );
+    relay.release();
     let suback = match c.recv().await {
         Packet::SubAck(a) if a.pkid == 1 => start.elapsed(),
         other => panic!("expected SUBACK, got {other:?}"),
@@ -145,23 +121,25 @@ async fn zero_rtt_round_trips(args: &[&str]) {
     let mut all = vec!["--quic-zero-rtt", "true"];
     all.extend_from_slice(args);
     let broker = Broker::start("zero-rtt", &all);
-    let relay = delay_relay(broker.quic, ONE_WAY).await;
+    let relay = Relay::start(broker.quic, Link::delay(ONE_WAY)).await;
     let rtt = (ONE_WAY * 2).as_secs_f64();
     let ep = quinn_endpoint();
     let config = quinn_config_0rtt(&broker.cert_pem());
 
-    let (full, c) = full_handshake_connack(&ep, &config, relay, "full").await;
+    let (full, c) = full_handshake_connack(&ep, &config, relay.addr(), "full").await;
     // The session ticket follows the handshake; let it arrive before leaving.
     tokio::time::sleep(ONE_WAY * 4).await;
     c.disconnect().await;
 
-    let (resumed, suback, accepted, c) = zero_rtt_connack(&ep, &config, relay, "early").await;
+    let (resumed, suback, accepted, c) = zero_rtt_connack(&ep, &config, &relay, "early").await;
     assert!(accepted, "the broker rejected the 0-RTT CONNECT");
     c.disconnect().await;
 
     let full = full.as_secs_f64() / rtt;
     let resumed = resumed.as_secs_f64() / rtt;
     let suback = suback.as_secs_f64() / rtt;
+    // Wall-clock figures for the log; a loaded machine adds to all of them, so only lower
+    // bounds are asserted. The round trip saved is shown by the gate in `zero_rtt_connack`.
     eprintln!(
         "{args:?}: CONNACK after a full handshake: {full:.2} RTT; resumed with 0-RTT: {resumed:.2} RTT; \
          SUBACK of the early SUBSCRIBE: {suback:.2} RTT (RTT {:.0} ms)",
@@ -170,14 +148,6 @@ async fn zero_rtt_round_trips(args: &[&str]) {
     assert!(
         full >= 1.9,
         "a full handshake cannot answer before 2 RTT: {full:.2}"
-    );
-    assert!(
-        resumed <= 1.5,
-        "0-RTT CONNACK after {resumed:.2} RTT (expected about 1)"
-    );
-    assert!(
-        resumed <= full - 0.6,
-        "0-RTT saved no round trip: {resumed:.2} vs {full:.2} RTT"
     );
     assert!(
         suback >= 1.9,
@@ -300,7 +270,7 @@ async fn our_connect(
 fn zero_rtt_with_the_mqttd_quic_client() {
     run(async {
         let broker = Broker::start("zero-rtt-ours", &["--quic-zero-rtt", "true"]);
-        let relay = delay_relay(broker.quic, ONE_WAY).await;
+        let relay = Relay::start(broker.quic, Link::delay(ONE_WAY)).await;
         let rtt = (ONE_WAY * 2).as_secs_f64();
         let tls = mqttd_tls::ClientConfig::builder()
             .alpn(&[b"mqtt"])
@@ -315,26 +285,27 @@ fn zero_rtt_with_the_mqttd_quic_client() {
         let start = Instant::now();
         let conn = tokio::time::timeout(
             WAIT,
-            ep.connect(&config, relay, "localhost").expect("connect"),
+            ep.connect(&config, relay.addr(), "localhost")
+                .expect("connect"),
         )
         .await
         .expect("handshake in time")
         .expect("handshake");
         let stream = our_connect(&conn, "ours-full").await;
         let full = start.elapsed().as_secs_f64() / rtt;
-        for _ in 0..100 {
-            if config.tls.has_ticket("localhost") {
-                break;
-            }
+        let deadline = Instant::now() + WAIT;
+        while !config.tls.has_ticket("localhost") && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(config.tls.has_ticket("localhost"), "no session ticket");
         conn.close(0, b"");
         drop(stream);
 
+        // Resumed: the CONNACK must arrive while the relay holds the client's second flight.
+        relay.hold_after_reply();
         let start = Instant::now();
         let Ok((conn, accepted)) = ep
-            .connect(&config, relay, "localhost")
+            .connect(&config, relay.addr(), "localhost")
             .expect("connect")
             .into_0rtt()
         else {
@@ -342,14 +313,19 @@ fn zero_rtt_with_the_mqttd_quic_client() {
         };
         let stream = our_connect(&conn, "ours-early").await;
         let resumed = start.elapsed().as_secs_f64() / rtt;
+        assert!(
+            relay.wait_held(WAIT).await > 0,
+            "the client's second flight was never held back"
+        );
+        relay.release();
         assert!(accepted.await, "the broker rejected our 0-RTT");
         conn.close(0, b"");
         drop(stream);
+        // Wall-clock figures for the log; only the full handshake's lower bound is asserted.
         eprintln!(
             "mqttd-quic client: CONNACK after {full:.2} RTT (full), {resumed:.2} RTT (0-RTT)"
         );
         assert!(full >= 1.9, "{full:.2}");
-        assert!(resumed <= 1.5, "0-RTT CONNACK after {resumed:.2} RTT");
     });
 }
 

@@ -7,45 +7,29 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
 use bytes::BytesMut;
 use mqttd_codec::*;
 use proptest::prelude::*;
 
-struct Counting;
-
-thread_local! {
-    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards to the system allocator; only counts sizes in a const-initialized
-// thread-local `Cell`, which never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATED.with(|a| a.set(a.get() + layout.size()));
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATED.with(|a| a.set(a.get() + new_size));
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
+/// Bytes allocated by this thread while `f` runs (the `allocation-counter` crate is this test
+/// binary's global allocator and counts per thread, so other tests running in parallel do not
+/// count; a reallocation counts its new size).
 fn allocated_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let before = ALLOCATED.with(Cell::get);
-    let out = f();
-    (out, ALLOCATED.with(Cell::get) - before)
+    let mut out = None;
+    let info = allocation_counter::measure(|| out = Some(f()));
+    let Some(out) = out else {
+        unreachable!("measure runs the closure")
+    };
+    (out, usize::try_from(info.bytes_total).unwrap_or(usize::MAX))
+}
+
+/// The counter is installed: an allocation of a known size is seen, so a zero below cannot
+/// pass for want of counting.
+#[test]
+fn the_counter_counts() {
+    let (v, bytes) = allocated_during(|| Vec::<u8>::with_capacity(1000));
+    assert_eq!(v.capacity(), 1000);
+    assert_eq!(bytes, 1000);
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use mqttd_quic::{CongestionControl, ConnectionError, Endpoint, StreamError, Version};
+use mqttd_test_support::{Link, Relay};
 use support::{Pki, Rng, sha256, spawn_echo, spawn_quinn_echo};
 use tokio::time::timeout;
 
@@ -16,6 +17,14 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
+}
+
+/// Waits (bounded) until the client holds a session ticket for "localhost".
+async fn wait_for_ticket(cfg: &mqttd_quic::ClientConfig) {
+    let deadline = tokio::time::Instant::now() + LIMIT / 3;
+    while !cfg.tls.has_ticket("localhost") && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn echo(conn: &mqttd_quic::Connection, payload: Vec<u8>) -> Vec<u8> {
@@ -279,12 +288,7 @@ async fn zero_rtt_accepted_by_us_and_rejected_by_a_server_without_our_ticket_key
             .await
             .expect("handshake");
         assert_eq!(echo(&conn, b"warm".to_vec()).await, b"warm");
-        for _ in 0..100 {
-            if cfg.tls.has_ticket("localhost") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_ticket(&cfg).await;
         assert!(cfg.tls.has_ticket("localhost"), "no ticket");
         conn.close(0, b"");
 
@@ -301,23 +305,23 @@ async fn zero_rtt_accepted_by_us_and_rejected_by_a_server_without_our_ticket_key
         assert!(accepted.await, "our server rejected our 0-RTT");
         assert_eq!(r.read_to_end(100).await.expect("read"), b"early");
         conn.close(0, b"");
-        for _ in 0..100 {
-            if cfg.tls.has_ticket("localhost") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_ticket(&cfg).await;
 
         // Rejected by a server that cannot decrypt the ticket: the early stream fails, the
-        // connection carries on and new streams work.
+        // connection carries on and new streams work. The server's replies are held until the
+        // stream is open and written, so it is certainly a 0-RTT stream (on a busy machine the
+        // handshake could otherwise complete first, and a stream opened after it is an
+        // ordinary one that works).
         let server_b = Endpoint::server(pki.server_config(), localhost()).expect("server b");
         spawn_echo(server_b.clone());
+        let relay = Relay::start(server_b.local_addr(), Link::delay(Duration::ZERO)).await;
+        relay.hold_server();
         assert!(
             cfg.tls.has_ticket("localhost"),
             "no ticket for the rejection case"
         );
         let connecting = client
-            .connect(&cfg, server_b.local_addr(), "localhost")
+            .connect(&cfg, relay.addr(), "localhost")
             .expect("connect");
         let (conn, accepted) = connecting
             .into_0rtt()
@@ -326,6 +330,11 @@ async fn zero_rtt_accepted_by_us_and_rejected_by_a_server_without_our_ticket_key
         let (mut s, mut r) = conn.open_bi().await.expect("open");
         let _ = s.write_all(b"early").await;
         let _ = s.finish();
+        assert!(
+            !conn.is_handshake_complete(),
+            "the handshake completed although the server was not heard"
+        );
+        relay.release();
         assert!(!accepted.await, "0-RTT accepted without the ticket key");
         assert!(
             r.read_to_end(100).await.is_err(),

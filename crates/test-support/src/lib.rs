@@ -102,7 +102,7 @@ pub struct Counts {
     pub received: u64,
     /// Of those, dropped by the link's loss.
     pub dropped: u64,
-    /// Client datagrams the gate holds right now.
+    /// Datagrams the gate holds right now.
     pub held: usize,
 }
 
@@ -115,12 +115,15 @@ enum Gate {
     Armed,
     /// The client has heard the server: what it sends now is held.
     Holding,
+    /// What the server sends is held.
+    HoldingServer,
 }
 
 struct State {
     client: Option<SocketAddr>,
     gate: Gate,
-    held: Vec<Vec<u8>>,
+    /// Held datagrams and whether each goes to the client.
+    held: Vec<(Vec<u8>, bool)>,
     received: u64,
     dropped: u64,
 }
@@ -234,23 +237,36 @@ impl Relay {
         st.gate = Gate::Armed;
     }
 
+    /// Holds every datagram of the server until [`release`](Self::release): the client cannot
+    /// hear anything (its handshake cannot complete) while the test does what must happen
+    /// before — e.g. open a stream that is then certainly a 0-RTT stream.
+    pub fn hold_server(&self) {
+        let mut st = self.shared.lock();
+        st.gate = Gate::HoldingServer;
+    }
+
     /// Opens the gate: the held datagrams leave in order, one `one_way` from now, and nothing
     /// more is held.
     pub fn release(&self) {
-        let held = {
+        let (held, client) = {
             let mut st = self.shared.lock();
             st.gate = Gate::Open;
-            std::mem::take(&mut st.held)
+            (std::mem::take(&mut st.held), st.client)
         };
         let due = Instant::now() + self.one_way;
-        for data in held {
+        for (data, to_client) in held {
+            let to = match (to_client, client) {
+                (false, _) => self.server,
+                (true, Some(c)) => c,
+                (true, None) => continue,
+            };
             let seq = self.shared.seq.fetch_add(1, AtomicOrdering::Relaxed);
             let _ = self.queue.send(Pending {
                 due,
                 seq,
                 data,
-                to: self.server,
-                to_client: false,
+                to,
+                to_client,
             });
         }
     }
@@ -314,6 +330,10 @@ async fn receive(
                 continue;
             }
             if to_client {
+                if st.gate == Gate::HoldingServer {
+                    st.held.push((buf[..n].to_vec(), true));
+                    continue;
+                }
                 match st.client {
                     Some(c) => c,
                     None => continue,
@@ -321,7 +341,7 @@ async fn receive(
             } else {
                 st.client = Some(from);
                 if st.gate == Gate::Holding {
-                    st.held.push(buf[..n].to_vec());
+                    st.held.push((buf[..n].to_vec(), false));
                     continue;
                 }
                 server
@@ -485,6 +505,33 @@ mod tests {
         assert_eq!(recv(&server).await.0, b"third");
         client.send_to(b"after", relay.addr()).await.expect("send");
         assert_eq!(recv(&server).await.0, b"after");
+        assert_eq!(relay.counts().held, 0);
+    }
+
+    #[tokio::test]
+    async fn hold_server_holds_everything_the_server_sends_until_release() {
+        let (server, client) = pair().await;
+        let relay = Relay::start(
+            server.local_addr().expect("addr"),
+            Link::delay(Duration::ZERO),
+        )
+        .await;
+        client.send_to(b"hello", relay.addr()).await.expect("send");
+        assert_eq!(recv(&server).await.0, b"hello");
+        relay.hold_server();
+        server.send_to(b"one", relay.addr()).await.expect("send");
+        server.send_to(b"two", relay.addr()).await.expect("send");
+        // The client still reaches the server.
+        client.send_to(b"up", relay.addr()).await.expect("send");
+        assert_eq!(recv(&server).await.0, b"up");
+        let deadline = Instant::now() + WAIT;
+        while relay.counts().held < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(relay.counts().held, 2);
+        relay.release();
+        assert_eq!(recv(&client).await.0, b"one");
+        assert_eq!(recv(&client).await.0, b"two");
         assert_eq!(relay.counts().held, 0);
     }
 }

@@ -258,45 +258,62 @@ impl Reader {
     }
 }
 
-/// Appends `len` bytes to `buf` and lets `f` write them through a [`Cursor`]. The encoders
-/// compute the exact length first, so this is one capacity check and one length update per
-/// packet instead of a capacity check, a copy and a length update per `put`.
-///
-/// The bytes are zeroed before the cursor overwrites them (safe code cannot expose spare
-/// capacity otherwise). A short write (a packet head, a small packet) zeroes a fixed-size
-/// block, a few inlined vector stores instead of a `memset` call, and cuts the length back to
-/// `len`; this is done only when `buf` already has that much spare capacity, so it never grows
-/// the buffer beyond what the packet needs. A large payload is better appended after the head
-/// with `put_slice` (one `memcpy`, nothing zeroed).
-#[inline(always)]
+/// Appends `len` bytes to `buf` and lets `f` write them through a [`Cursor`] (see
+/// [`Cursor::append`]).
+#[cfg(test)]
 pub(crate) fn write_reserved(buf: &mut BytesMut, len: usize, f: impl FnOnce(&mut Cursor<'_>)) {
-    let start = buf.len();
-    let spare = buf.capacity() - start;
-    if len <= 64 && spare >= 64 {
-        buf.extend_from_slice(&[0; 64]);
-        buf.truncate(start + len);
-    } else if len <= 128 && spare >= 128 {
-        buf.extend_from_slice(&[0; 128]);
-        buf.truncate(start + len);
-    } else {
-        buf.resize(start + len, 0);
-    }
-    let mut c = Cursor {
-        dst: &mut buf[start..],
-        pos: 0,
-    };
+    let mut c = Cursor::append(buf, len);
     f(&mut c);
-    debug_assert_eq!(
-        c.pos, len,
-        "encoded length differs from the computed length"
-    );
+    c.finish();
 }
 
-/// A writer over the bytes [`write_reserved`] appended; every write is bounds-checked against
-/// them (overrunning panics: an encoder length bug, never input-driven).
+/// A writer over bytes just appended to a `BytesMut` (see [`Cursor::append`]); every write is
+/// bounds-checked against them (overrunning panics: an encoder length bug, never
+/// input-driven).
 pub(crate) struct Cursor<'a> {
     dst: &'a mut [u8],
     pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// Appends `len` bytes to `buf` for the caller to write through the returned cursor. The
+    /// encoders compute the exact length first, so this is one capacity check and one length
+    /// update per packet instead of a capacity check, a copy and a length update per `put`.
+    ///
+    /// The bytes are zeroed before the cursor overwrites them (safe code cannot expose spare
+    /// capacity otherwise). A short write (a packet head, a small packet) zeroes a fixed-size
+    /// block, a few inlined vector stores instead of a `memset` call, and cuts the length back
+    /// to `len`; this is done only when `buf` already has that much spare capacity, so it never
+    /// grows the buffer beyond what the packet needs. A large payload is better appended after
+    /// the head with `put_slice` (one `memcpy`, nothing zeroed).
+    #[inline(always)]
+    pub(crate) fn append(buf: &'a mut BytesMut, len: usize) -> Self {
+        let start = buf.len();
+        let spare = buf.capacity() - start;
+        if len <= 64 && spare >= 64 {
+            buf.extend_from_slice(&[0; 64]);
+            buf.truncate(start + len);
+        } else if len <= 128 && spare >= 128 {
+            buf.extend_from_slice(&[0; 128]);
+            buf.truncate(start + len);
+        } else {
+            buf.resize(start + len, 0);
+        }
+        Cursor {
+            dst: &mut buf[start..],
+            pos: 0,
+        }
+    }
+
+    /// Ends the writes; in debug builds, checks that exactly the appended bytes were written.
+    #[inline(always)]
+    pub(crate) fn finish(self) {
+        debug_assert_eq!(
+            self.pos,
+            self.dst.len(),
+            "encoded length differs from the computed length"
+        );
+    }
 }
 
 impl Cursor<'_> {

@@ -9,7 +9,7 @@ use crate::properties::{PublishProperties, section_len};
 use crate::protocol::{PacketId, ProtocolVersion, QoS};
 use crate::string::{MqttString, Scan, check_str_bytes, scan};
 use crate::topic::{Topic, TopicError};
-use crate::wire::{Reader, VARINT_MAX, write_binary, write_reserved};
+use crate::wire::{Cursor, Reader, VARINT_MAX, write_binary};
 
 /// PUBLISH: an application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,7 +203,9 @@ impl Publish {
         self.encode_parts(version, buf, false)
     }
 
-    #[inline]
+    /// Shared by both encoders; always inlined, so each gets its own copy with `with_payload`
+    /// fixed (and the hot whole-packet path stays inlined into its caller).
+    #[inline(always)]
     fn encode_parts(
         &self,
         version: ProtocolVersion,
@@ -226,19 +228,20 @@ impl Publish {
             // one copy.
             buf.reserve(total);
         }
-        write_reserved(buf, total - self.payload.len(), |c| {
-            c.u8((3 << 4) | self.flags());
-            c.varint(body);
-            // Topics are at most 65,535 bytes (an `MqttString` invariant).
-            c.binary(self.topic.as_bytes());
-            if let Some(id) = self.packet_id {
-                c.u16(id.get());
-            }
-            if version.is_v5() {
-                self.properties.write_to(c, props);
-            }
-        });
+        let mut c = Cursor::append(buf, total - self.payload.len());
+        c.u8((3 << 4) | self.flags());
+        c.varint(body);
+        // Topics are at most 65,535 bytes (an `MqttString` invariant).
+        c.binary(self.topic.as_bytes());
+        if let Some(id) = self.packet_id {
+            c.u16(id.get());
+        }
+        if version.is_v5() {
+            self.properties.write_to(&mut c, props);
+        }
+        c.finish();
         if with_payload {
+            // The payload with one copy, into the reservation made above.
             buf.put_slice(&self.payload);
         }
         Ok(())

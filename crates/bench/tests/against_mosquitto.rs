@@ -8,9 +8,11 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{BENCH, assert_exactly_once, bench, free_port, json_lines, n, summary};
@@ -21,16 +23,40 @@ const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 struct Mosquitto {
     child: Child,
     port: u16,
+    /// What mosquitto logged: its listener is up, a subscription, the end of its log.
+    events: mpsc::Receiver<Event>,
     _dir: tempfile::TempDir,
 }
 
+/// A line of mosquitto's log that the tests wait for.
+#[derive(Debug, PartialEq)]
+enum Event {
+    /// "mosquitto version ... running": its listener is open.
+    Running,
+    /// "<client id> <qos> <filter>" (`log_type subscribe`): a subscription is in place.
+    Subscribed(String),
+}
+
 impl Mosquitto {
+    /// Starts mosquitto on a free port. A port that another process took between
+    /// [`free_port`] and mosquitto's bind ("Address already in use": mosquitto exits, and a
+    /// connection test would reach the other listener) is retried with another port.
     fn start() -> Self {
         assert!(
             Path::new(MOSQUITTO).exists(),
             "{MOSQUITTO} is missing: install Debian's `mosquitto` package (apt-get install \
              mosquitto; .ci/run does this) — these tests need an independent broker"
         );
+        for _ in 0..5 {
+            if let Some(m) = Self::try_start() {
+                return m;
+            }
+        }
+        panic!("mosquitto could not listen on any of 5 free ports");
+    }
+
+    /// One attempt: `None` if mosquitto exited before it was running.
+    fn try_start() -> Option<Self> {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
@@ -39,35 +65,76 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                  max_queued_messages 1000000\nmax_inflight_messages 1024\nlog_dest stderr\n\
-                 log_type error\n"
+                 log_type error\nlog_type information\nlog_type subscribe\n"
             ),
         )
         .expect("write mosquitto.conf");
-        let child = Command::new(MOSQUITTO)
+        let mut child = Command::new(MOSQUITTO)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {MOSQUITTO}: {e}"));
+        let stderr = child.stderr.take().expect("mosquitto's stderr");
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let event = match words[..] {
+                    [_, "mosquitto", "version", _, "running"] => Some(Event::Running),
+                    [_, _, "0" | "1" | "2", filter] => Some(Event::Subscribed(filter.to_owned())),
+                    [_, "mosquitto", "version", ..] | [_, "Config", "loaded", ..] => None,
+                    [_, "Opening", ..] => None,
+                    _ => {
+                        // Errors (and anything unexpected) stay visible.
+                        eprintln!("mosquitto: {line}");
+                        None
+                    }
+                };
+                if let Some(e) = event {
+                    let _ = tx.send(e);
+                }
+            }
+            // The log ended: mosquitto exited (the channel closes).
+        });
         let mut m = Mosquitto {
             child,
             port,
+            events,
             _dir: dir,
         };
-        let until = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = m.child.try_wait() {
-                panic!("mosquitto exited at start ({status})");
+        match m.events.recv_timeout(Duration::from_secs(20)) {
+            Ok(Event::Running) => {}
+            Ok(other) => panic!("mosquitto logged {other:?} before running"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = m.child.wait().expect("mosquitto's exit status");
+                eprintln!("mosquitto exited at start on port {port} ({status}); another port");
+                return None;
             }
-            assert!(Instant::now() < until, "mosquitto did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("mosquitto not running after 20 s"),
         }
-        m
+        // Running means listening; one connection proves the port is reachable.
+        TcpStream::connect(("127.0.0.1", port)).expect("connect to mosquitto");
+        Some(m)
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits (up to 20 s) until mosquitto has logged a subscription to `filter`.
+    fn wait_subscribed(&self, filter: &str) {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Event::Subscribed(f)) if f == filter => return,
+                Ok(_) => {}
+                Err(e) => panic!("mosquitto logged no subscription to {filter}: {e}"),
+            }
+        }
     }
 }
 
@@ -198,8 +265,9 @@ fn separate_sub_and_pub_processes_see_no_gaps() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start mqttd-bench sub");
-    // Give it time to subscribe.
-    std::thread::sleep(Duration::from_millis(500));
+    // Publish only once the subscription is in place (the QoS 1 messages of a subscription
+    // made later would not reach it).
+    broker.wait_subscribed("bench/#");
     let p = summary(&bench(
         broker.port,
         &["pub", "-c", "2", "-q", "1", "-n", "1000"],

@@ -16,10 +16,33 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// The drain of QoS 1/2 runs: every message must arrive, so a pause in deliveries (a busy
+/// machine, a loss recovery) must not end the count early. The default ends the drain after
+/// one second without a delivery and counts the rest as lost, which made these tests fail on a
+/// loaded machine with every message acknowledged. A complete run ends the drain at once.
+pub const QOS12_DRAIN: [&str; 4] = ["--drain", "60", "--drain-idle", "20"];
+
+/// The arguments with [`QOS12_DRAIN`] added to a publishing scenario at QoS 1 or 2.
+fn with_drain<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    let publishing = matches!(
+        args.first(),
+        Some(&("pub" | "fan-in" | "fan-out" | "pairs"))
+    );
+    let qos12 = args
+        .windows(2)
+        .any(|w| matches!(w, ["-q" | "--qos", "1" | "2"]));
+    if publishing && qos12 {
+        all.extend(QOS12_DRAIN);
+    }
+    all
+}
+
 /// Runs `mqttd-bench ARGS -p PORT --json` and returns its output, failing on a non-zero exit.
+/// QoS 1/2 publishing runs get [`QOS12_DRAIN`].
 pub fn bench(port: u16, args: &[&str]) -> Output {
     let out = Command::new(BENCH)
-        .args(args)
+        .args(with_drain(args))
         .args(["-p", &port.to_string(), "--json"])
         .output()
         .expect("run mqttd-bench");

@@ -8,7 +8,7 @@
 //! and zero-copy (topics, strings, binary properties and payloads are [`bytes::Bytes`] slices of
 //! the receive buffer). The maximum packet size is enforced from the fixed header, before
 //! anything is allocated. Matching topics against filters, sessions and QoS state belong to the
-//! broker, not here.
+//! broker, not here. The crate has no `unsafe` code.
 //!
 //! ## API at a glance
 //!
@@ -55,7 +55,8 @@
 //! ProtocolVersion { V3_1, V3_1_1, V5 }   QoS { AtMostOnce, AtLeastOnce, ExactlyOnce }
 //! PacketId = NonZeroU16                  ReasonCode (every 5.0 code; to/from 3.1.1 return codes)
 //! UserProperties (wire form; iter() -> (&str, &str), push, get, to_vec)
-//! MqttString (validated UTF-8 in Bytes)  Topic (no wildcards)  TopicFilter (share_name(), filter())
+//! MqttString (UTF-8 checked once, held as a bytestring::ByteString over the receive buffer)
+//! Topic (no wildcards)  TopicFilter (share_name(), filter())
 //! ```
 //!
 //! ## Example

@@ -26,7 +26,7 @@ use mqttd_codec::{
 use crate::broker::{ConnId, Transmit};
 use crate::message::Message;
 use crate::router::ClientId;
-use crate::store::{Delivery, Outgoing, SessionState};
+use crate::store::{Delivery, Outgoing, QueueLog, SessionState};
 
 /// A will as given in CONNECT: published when the connection ends abnormally.
 #[derive(Debug, Clone)]
@@ -104,7 +104,12 @@ impl Session {
     /// Appends a delivery to the queue under the overflow policy; returns the QoS of what was
     /// dropped, if anything.
     pub fn enqueue(&mut self, d: Delivery, max_queued: usize) -> Option<QoS> {
-        enqueue(&mut self.state.queue, d, max_queued)
+        enqueue_logged(
+            &mut self.state.queue,
+            &mut self.state.queue_log,
+            d,
+            max_queued,
+        )
     }
 
     /// Moves queued messages to the connection while it has credit (`credit` packets in
@@ -126,6 +131,7 @@ impl Session {
             }
             if front.message.is_expired(now) {
                 if let Some(d) = state.queue.pop_front() {
+                    state.queue_log.popped += 1;
                     result.dropped.push(d.qos);
                 }
                 continue;
@@ -136,6 +142,7 @@ impl Session {
             let Some(d) = state.queue.pop_front() else {
                 break;
             };
+            state.queue_log.popped += 1;
             let packet_id = if d.qos == QoS::AtMostOnce {
                 None
             } else {
@@ -243,13 +250,30 @@ impl Session {
 /// Appends `d` to a bounded queue; on overflow drops the oldest QoS 0 message, else the new
 /// one. Returns the QoS of what was dropped.
 pub fn enqueue(queue: &mut VecDeque<Delivery>, d: Delivery, max: usize) -> Option<QoS> {
+    enqueue_logged(queue, &mut QueueLog::default(), d, max)
+}
+
+/// [`enqueue`], counting the changes in `log`.
+fn enqueue_logged(
+    queue: &mut VecDeque<Delivery>,
+    log: &mut QueueLog,
+    d: Delivery,
+    max: usize,
+) -> Option<QoS> {
     if queue.len() < max {
         queue.push_back(d);
+        log.pushed += 1;
         return None;
     }
     if let Some(pos) = queue.iter().position(|q| q.qos == QoS::AtMostOnce) {
         queue.remove(pos);
+        if pos == 0 {
+            log.popped += 1;
+        } else {
+            log.reshaped += 1;
+        }
         queue.push_back(d);
+        log.pushed += 1;
         return Some(QoS::AtMostOnce);
     }
     Some(d.qos)

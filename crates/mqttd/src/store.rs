@@ -96,6 +96,33 @@ pub struct SessionState {
     pub last_packet_id: u16,
     /// A will waiting for its delay.
     pub pending_will: Option<PendingWill>,
+    /// How `queue` changed since this value was created or loaded (kept by
+    /// [`crate::session::Session`]), so that a store writing deltas writes only what changed.
+    pub queue_log: QueueLog,
+}
+
+/// Counts of the changes made to a session's queue, for a store that writes deltas: it
+/// compares them with the counts at its last save to tell which messages left the front and
+/// which were appended, without walking the queue. A change that is neither (a message removed
+/// from the middle) counts in `reshaped`, and the store then rewrites the whole queue; so does
+/// any count that does not add up.
+///
+/// Bookkeeping, not state: any two logs compare equal, so that two sessions with the same
+/// contents are equal however they came to be.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueLog {
+    /// Messages taken from the front.
+    pub popped: u64,
+    /// Messages appended at the back.
+    pub pushed: u64,
+    /// Other changes (a message removed from the middle).
+    pub reshaped: u64,
+}
+
+impl PartialEq for QueueLog {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl SessionState {
@@ -112,6 +139,7 @@ impl SessionState {
             queue: VecDeque::new(),
             last_packet_id: 0,
             pending_will: None,
+            queue_log: QueueLog::default(),
         }
     }
 

@@ -138,27 +138,27 @@ fn init_logs(config: &Config) {
     }
 }
 
-async fn wait_for_signal() {
+/// Takes over SIGINT and SIGTERM now and returns what waits for one of them. Called before the
+/// listeners start: a signal that comes as soon as a client could connect (tests, scripts)
+/// must shut down gracefully, not kill the process with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let streams = {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
+        (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        if let (Ok(mut int), Ok(mut term)) = streams {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
@@ -304,6 +304,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let signal = shutdown_signal();
         let running = match mqttd::server::start(config.clone()).await {
             Ok(r) => r,
             Err(e) => {
@@ -343,7 +344,7 @@ fn main() -> ExitCode {
             None => None,
         };
         tracing::info!(mqtt = %running.mqtt_addr, http = ?running.http_addr, "listening");
-        wait_for_signal().await;
+        signal.await;
         tracing::info!("signal received, shutting down");
         running.shutdown().await;
         if let Some(q) = quic {

@@ -154,3 +154,50 @@ fn busy_port_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// SIGTERM as soon as the first address line is out — while the QUIC listener is still being
+/// set up (its certificate generated) — shuts down gracefully (exit status 0), rather than the
+/// default action killing the process. The signal handlers are installed before anything
+/// listens; with them installed last, a client that connected and sent SIGTERM right away
+/// (tests/e2e/mosq.rs `graceful_shutdown_sends_0x8b` on a loaded machine) saw no DISCONNECT.
+#[test]
+fn sigterm_right_after_the_first_listener_is_up_shuts_down_gracefully() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let dir = std::env::temp_dir().join(format!("mqttd-e2e-early-term-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(["--listen", "127.0.0.1:0", "--http-enabled", "false"])
+        .args(["--quic-listen", "127.0.0.1:0", "--storage", "memory"])
+        .args(["--log-level", "warn", "--data-dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start mqttd");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("address line");
+    assert!(line.contains("mqtt://"), "{line}");
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    // Drain stdout (the QUIC line may still come) so the broker never blocks on the pipe.
+    let drain = std::thread::spawn(move || stdout.lines().count());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mqttd did not exit within 20 s of SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = drain.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status.signal(), None, "killed by the signal: {status:?}");
+    assert!(status.success(), "{status:?}");
+}

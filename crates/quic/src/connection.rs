@@ -30,8 +30,6 @@ pub(crate) struct ConnInner {
     /// Application handles (Connection, streams) alive; the last one to go closes.
     app_refs: AtomicUsize,
     pub(crate) id: u64,
-    /// The DCID of the last datagram the endpoint routed here (a per-batch routing shortcut).
-    pub(crate) last_dcid: Mutex<Option<crate::proto::ConnectionId>>,
 }
 
 pub(crate) struct ConnState {
@@ -181,7 +179,6 @@ impl ConnInner {
             notify: Notify::new(),
             app_refs: AtomicUsize::new(0),
             id,
-            last_dcid: Mutex::new(None),
         })
     }
 

@@ -257,19 +257,28 @@ impl EndpointInner {
         self.send(&t, data).await;
     }
 
-    /// Handles one received datagram.
-    /// Handles one received datagram. Connections fed a datagram are collected in `touched`
-    /// (their drivers are notified once per receive batch, not per datagram).
-    async fn handle(
+    /// The connection a packet with this header belongs to, if any. A short-header packet with
+    /// an unknown connection ID may be a Stateless Reset from a peer we talk to: it goes to the
+    /// connection that started on that address (ngtcp2 checks the token).
+    fn route(&self, header: &packet::Header, remote: SocketAddr) -> Option<Arc<ConnInner>> {
+        let t = self.table();
+        match t.routes.get(&header.dcid) {
+            Some(r) => Some(r.conn.clone()),
+            None if !header.long => t.by_remote.get(&remote).cloned(),
+            None => None,
+        }
+    }
+
+    /// Handles one received datagram that belongs to no connection: Version Negotiation,
+    /// a new connection, or a Stateless Reset.
+    async fn handle_unrouted(
         self: &Arc<Self>,
         now: Instant,
         path: Path,
-        ecn: proto::Ecn,
+        decoded: packet::Decoded,
         data: &[u8],
         scratch: &mut Vec<u8>,
-        touched: &mut Vec<Arc<ConnInner>>,
     ) {
-        let decoded = packet::decode(data, self.cid_len);
         let header = match decoded {
             packet::Decoded::Invalid => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -293,40 +302,6 @@ impl EndpointInner {
             }
             packet::Decoded::Supported(h) => h,
         };
-        let cached = touched
-            .last()
-            .filter(|c| c.last_dcid.lock().is_ok_and(|d| *d == Some(header.dcid)))
-            .cloned();
-        let route = if cached.is_some() {
-            cached
-        } else {
-            let t = self.table();
-            match t.routes.get(&header.dcid) {
-                Some(r) => Some(r.conn.clone()),
-                // Possibly a Stateless Reset from a peer we talk to.
-                None if !header.long => t.by_remote.get(&path.remote).cloned(),
-                None => None,
-            }
-        };
-        if let Some(conn) = route {
-            let handshake_now_done = {
-                let mut st = conn.lock();
-                let was = st.handshake_done;
-                st.proto.handle_datagram(now, path, ecn, data);
-                st.process_events();
-                !was && st.handshake_done
-            };
-            if handshake_now_done {
-                self.handshake_done(&conn);
-            }
-            if !touched.iter().any(|c| c.id == conn.id) {
-                if let Ok(mut d) = conn.last_dcid.lock() {
-                    *d = Some(header.dcid);
-                }
-                touched.push(conn);
-            }
-            return;
-        }
         if header.long {
             if self.server.is_some() {
                 self.accept(now, path, data, scratch).await;
@@ -515,6 +490,10 @@ impl EndpointInner {
     }
 }
 
+/// How many datagrams for one connection the receive task feeds under one lock before it lets
+/// the connection's driver (and readers) at the state.
+const FEED_PER_LOCK: usize = 32;
+
 /// Receives datagrams until the endpoint is closed and idle (or the socket is replaced).
 async fn recv_loop(inner: Arc<EndpointInner>, socket: Arc<Socket>) {
     let batch = quinn_udp::BATCH_SIZE.min(32);
@@ -523,7 +502,6 @@ async fn recv_loop(inner: Arc<EndpointInner>, socket: Arc<Socket>) {
     let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; buf_len]).collect();
     let mut metas = vec![RecvMeta::default(); batch];
     let mut scratch = Vec::with_capacity(1500);
-    let mut touched: Vec<Arc<ConnInner>> = Vec::new();
     loop {
         if !Arc::ptr_eq(&inner.socket(), &socket) || inner.is_finished() {
             return;
@@ -552,6 +530,9 @@ async fn recv_loop(inner: Arc<EndpointInner>, socket: Arc<Socket>) {
             }
         };
         let now = Instant::now();
+        // The connection the previous datagram of this batch went to: consecutive datagrams
+        // (a GRO batch always) mostly share it, and then skip the routing table.
+        let mut last: Option<(ConnectionId, Arc<ConnInner>)> = None;
         for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
             let local = match meta.dst_ip {
                 Some(ip) if socket.local.ip().is_unspecified() => {
@@ -567,20 +548,52 @@ async fn recv_loop(inner: Arc<EndpointInner>, socket: Arc<Socket>) {
                 .ecn
                 .map_or(proto::Ecn::NotEct, |e| proto::Ecn::from_bits(e as u8));
             let stride = meta.stride.max(1);
-            // Wake drivers every few datagrams so ACKs and window updates go out while a long
-            // receive batch is still being processed.
-            for (i, seg) in buf[..meta.len].chunks(stride).enumerate() {
-                inner
-                    .handle(now, path, ecn, seg, &mut scratch, &mut touched)
-                    .await;
-                if i % 16 == 15 {
-                    for conn in touched.drain(..) {
-                        conn.notify.notify_one();
+            let mut segments = buf[..meta.len].chunks(stride).peekable();
+            while let Some(seg) = segments.next() {
+                let decoded = packet::decode(seg, inner.cid_len);
+                let packet::Decoded::Supported(header) = decoded else {
+                    inner
+                        .handle_unrouted(now, path, decoded, seg, &mut scratch)
+                        .await;
+                    continue;
+                };
+                let conn = match &last {
+                    Some((cid, c)) if *cid == header.dcid => Some(c.clone()),
+                    _ => inner.route(&header, path.remote),
+                };
+                let Some(conn) = conn else {
+                    inner
+                        .handle_unrouted(now, path, decoded, seg, &mut scratch)
+                        .await;
+                    continue;
+                };
+                // This datagram and the following ones for the same connection, under one
+                // lock; the driver is woken once for them (it sends the ACKs and whatever the
+                // application wrote meanwhile).
+                let handshake_now_done = {
+                    let mut st = conn.lock();
+                    let was = st.handshake_done;
+                    st.proto.handle_datagram(now, path, ecn, seg);
+                    let mut fed = 1;
+                    while fed < FEED_PER_LOCK {
+                        let Some(next) = segments.peek() else { break };
+                        if !matches!(packet::decode(next, inner.cid_len),
+                            packet::Decoded::Supported(h) if h.dcid == header.dcid)
+                        {
+                            break;
+                        }
+                        st.proto.handle_datagram(now, path, ecn, next);
+                        segments.next();
+                        fed += 1;
                     }
+                    st.process_events();
+                    !was && st.handshake_done
+                };
+                if handshake_now_done {
+                    inner.handshake_done(&conn);
                 }
-            }
-            for conn in touched.drain(..) {
                 conn.notify.notify_one();
+                last = Some((header.dcid, conn));
             }
         }
     }

@@ -339,12 +339,15 @@ impl AsyncRead for RecvStream {
             this.done = true;
             return Poll::Ready(Err(io_error(e)));
         }
-        let dst = buf.initialize_unfilled();
-        match st.proto.stream_read(this.id, dst) {
+        // Copied straight into the caller's (possibly uninitialised) space: no zeroing of a
+        // large read buffer per call.
+        match st
+            .proto
+            .stream_read_with(this.id, buf.remaining(), |data| buf.put_slice(data))
+        {
             Ok(Some(n)) => {
                 let wake = st.note_read(this.id, n);
                 drop(st);
-                buf.advance(n);
                 if wake {
                     this.conn.notify.notify_one();
                 }

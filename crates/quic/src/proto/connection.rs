@@ -22,7 +22,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use mqttd_ngtcp2_sys as sys;
 
 use super::types::{
@@ -169,8 +169,9 @@ struct SendHalf {
 /// What a stream's receive side holds.
 #[derive(Default)]
 struct RecvHalf {
-    chunks: VecDeque<Bytes>,
-    len: usize,
+    /// Received, not yet read, in order. One buffer the frames of a burst are appended to (not
+    /// an allocation per frame); reads split it. Empty and unallocated once read.
+    buf: BytesMut,
     fin: bool,
     reset: Option<u64>,
     /// We sent STOP_SENDING: discard further data.
@@ -187,6 +188,9 @@ struct Stream {
     /// ngtcp2 closed the stream (both directions done).
     closed: bool,
 }
+
+/// The least a stream's receive buffer grows by when a frame does not fit.
+const RECV_BUFFER_MIN: usize = 16 * 1024;
 
 /// The state callbacks touch. Lives in its own heap block whose address is `user_data`.
 struct Shared {
@@ -1462,9 +1466,8 @@ impl Connection {
                 return Ok(());
             }
             s.recv.stopped = true;
-            let n = s.recv.len;
-            s.recv.chunks.clear();
-            s.recv.len = 0;
+            let n = s.recv.buf.len();
+            s.recv.buf = BytesMut::new();
             n
         };
         // SAFETY: `conn` is live; no reference to Shared is alive.
@@ -1484,6 +1487,21 @@ impl Connection {
         id: StreamId,
         buf: &mut [u8],
     ) -> Result<Option<usize>, StreamError> {
+        self.stream_read_with(id, buf.len(), |data| {
+            buf[..data.len()].copy_from_slice(data)
+        })
+    }
+
+    /// Reads up to `max` buffered bytes of a stream by handing them to `f` (once, as one
+    /// slice), without an intermediate buffer: `Ok(Some(n))` bytes, `Ok(None)` at the end of
+    /// the stream, [`StreamError::Blocked`] when nothing is buffered yet. Credits the peer's
+    /// flow-control window with what was read.
+    pub fn stream_read_with(
+        &mut self,
+        id: StreamId,
+        max: usize,
+        f: impl FnOnce(&[u8]),
+    ) -> Result<Option<usize>, StreamError> {
         let n;
         {
             let sh = self.shared();
@@ -1493,43 +1511,44 @@ impl Connection {
                 .ok_or(StreamError::UnknownStream)?;
             let r = &mut s.recv;
             r.notified = false;
-            if r.len == 0 {
-                if let Some(code) = r.reset {
-                    return Err(StreamError::Reset(code));
-                }
-                let outcome = if r.fin {
-                    Ok(None)
-                } else if r.stopped {
-                    Err(StreamError::Finished)
-                } else {
-                    Err(self.lost_error().unwrap_or(StreamError::Blocked))
-                };
-                if outcome.is_ok() {
-                    self.maybe_forget(id.0);
-                }
-                return outcome;
+            if r.buf.is_empty() {
+                return self.recv_end(id);
             }
-            let mut copied = 0;
-            while copied < buf.len() {
-                let Some(front) = r.chunks.front_mut() else {
-                    break;
-                };
-                let take = front.len().min(buf.len() - copied);
-                buf[copied..copied + take].copy_from_slice(&front[..take]);
-                front.advance(take);
-                if front.is_empty() {
-                    r.chunks.pop_front();
-                }
-                copied += take;
+            n = r.buf.len().min(max);
+            f(&r.buf[..n]);
+            if n == r.buf.len() {
+                // Read out: keep no allocation while the stream is quiet.
+                r.buf = BytesMut::new();
+            } else {
+                let _ = r.buf.split_to(n);
             }
-            r.len -= copied;
-            n = copied;
         }
         self.credit(id, n);
         Ok(Some(n))
     }
 
-    /// Reads the next buffered chunk of a stream without copying, up to `max` bytes.
+    /// What a read finds on a stream with nothing buffered.
+    fn recv_end(&mut self, id: StreamId) -> Result<Option<usize>, StreamError> {
+        let lost = self.lost_error();
+        let sh = self.shared();
+        let Some(s) = sh.streams.get_mut(&id.0) else {
+            return Err(StreamError::UnknownStream);
+        };
+        let r = &s.recv;
+        if let Some(code) = r.reset {
+            return Err(StreamError::Reset(code));
+        }
+        if r.fin {
+            self.maybe_forget(id.0);
+            return Ok(None);
+        }
+        if r.stopped {
+            return Err(StreamError::Finished);
+        }
+        Err(lost.unwrap_or(StreamError::Blocked))
+    }
+
+    /// Reads the buffered data of a stream without copying, up to `max` bytes.
     pub fn stream_read_chunk(
         &mut self,
         id: StreamId,
@@ -1544,27 +1563,15 @@ impl Connection {
                 .ok_or(StreamError::UnknownStream)?;
             let r = &mut s.recv;
             r.notified = false;
-            match r.chunks.front_mut() {
-                Some(front) => {
-                    let take = front.len().min(max.max(1));
-                    chunk = front.split_to(take);
-                    if front.is_empty() {
-                        r.chunks.pop_front();
-                    }
-                    r.len -= take;
-                }
-                None => {
-                    if let Some(code) = r.reset {
-                        return Err(StreamError::Reset(code));
-                    }
-                    if r.fin {
-                        self.maybe_forget(id.0);
-                        return Ok(None);
-                    }
-                    let lost = self.lost_error();
-                    return Err(lost.unwrap_or(StreamError::Blocked));
-                }
+            if r.buf.is_empty() {
+                return self.recv_end(id).map(|_| None);
             }
+            let take = r.buf.len().min(max.max(1));
+            chunk = if take == r.buf.len() {
+                std::mem::take(&mut r.buf).freeze()
+            } else {
+                r.buf.split_to(take).freeze()
+            };
         }
         self.credit(id, chunk.len());
         Ok(Some(chunk))
@@ -1594,7 +1601,10 @@ impl Connection {
 
     /// Bytes received on a stream and not yet read by the application.
     pub fn stream_recv_buffered(&mut self, id: StreamId) -> usize {
-        self.shared().streams.get(&id.0).map_or(0, |s| s.recv.len)
+        self.shared()
+            .streams
+            .get(&id.0)
+            .map_or(0, |s| s.recv.buf.len())
     }
 
     /// Whether a stream still exists (opened and not yet fully finished and read).
@@ -1882,12 +1892,12 @@ unsafe extern "C" fn cb_recv_stream_data(
         with_shared(user_data, |sh| {
             let s = sh.stream(stream_id);
             if datalen > 0 && !s.recv.stopped {
-                s.recv
-                    .chunks
-                    .push_back(Bytes::copy_from_slice(std::slice::from_raw_parts(
-                        data, datalen,
-                    )));
-                s.recv.len += datalen;
+                let r = &mut s.recv.buf;
+                if r.capacity() - r.len() < datalen {
+                    // Room for a burst of frames, so most frames are a copy, not an allocation.
+                    r.reserve(datalen.max(RECV_BUFFER_MIN));
+                }
+                r.extend_from_slice(std::slice::from_raw_parts(data, datalen));
             }
             if flags & sys::NGTCP2_STREAM_DATA_FLAG_FIN != 0 {
                 s.recv.fin = true;

@@ -148,13 +148,17 @@ async fn hostile_datagrams_and_initial_floods() {
         }
 
         // A flood of genuine Initials from many source ports, and a well-behaved client at the
-        // same time.
+        // same time. The Initials are built first and then sent back to back: built one by one
+        // in between (a TLS client each, slow on a busy machine), they came at a rate close to
+        // the Retry threshold.
         let mut flooders = Vec::new();
         for _ in 0..400 {
             let s = UdpSocket::bind(localhost()).await.expect("bind");
             let init = client_initial(&pki, s.local_addr().expect("addr"), addr);
-            s.send_to(&init, addr).await.expect("send");
-            flooders.push(s);
+            flooders.push((s, init));
+        }
+        for (s, init) in &flooders {
+            s.send_to(init, addr).await.expect("send");
         }
         let client = Endpoint::client(localhost()).expect("client");
         let conn = client

@@ -51,6 +51,8 @@ pub(crate) struct ConnState {
     pub(crate) endpoint_events: Vec<EndpointEvent>,
     /// Bytes read by the application since the driver was last woken for flow-control credit.
     pub(crate) unannounced_credit: usize,
+    /// Credit worth waking the driver for (a quarter of the smaller window, at most 64 KiB).
+    announce_credit: usize,
 }
 
 fn dir_index(d: Dir) -> usize {
@@ -67,14 +69,16 @@ fn wake_all(w: &mut Vec<Waker>) {
 }
 
 impl ConnState {
-    /// Records that the application read `n` bytes from `id`; returns whether the driver should
-    /// be woken to announce the new flow-control credit. Waking it for every read would cost a
-    /// task switch per packet; waking it only when the reader caught up (the sender may be
-    /// blocked) or a good amount accumulated keeps windows moving at a fraction of the cost.
-    pub(crate) fn note_read(&mut self, id: StreamId, n: usize) -> bool {
-        const ANNOUNCE: usize = 64 * 1024;
+    /// Records that the application read `n` bytes; returns whether the driver should be woken
+    /// to announce the new flow-control credit. Waking it for every read would cost a task
+    /// switch per read (with MQTT-sized messages the reader catches up with every packet).
+    /// The credit also leaves with whatever the driver sends next (ACKs, data); a wake is
+    /// needed only once the credit is a good share of the windows, so a sender that used up
+    /// its window (it then holds at least that much credit's worth of unread data here) is
+    /// never left waiting for it.
+    pub(crate) fn note_read(&mut self, n: usize) -> bool {
         self.unannounced_credit += n;
-        if self.unannounced_credit >= ANNOUNCE || self.proto.stream_recv_buffered(id) == 0 {
+        if self.unannounced_credit >= self.announce_credit {
             self.unannounced_credit = 0;
             true
         } else {
@@ -157,6 +161,11 @@ impl ConnState {
 
 impl ConnInner {
     pub(crate) fn new(proto: proto::Connection, id: u64) -> Arc<Self> {
+        let t = proto.transport();
+        let window = t.stream_receive_window.min(t.receive_window);
+        let announce_credit = usize::try_from(window / 4)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 64 * 1024);
         Arc::new(ConnInner {
             state: Mutex::new(ConnState {
                 proto,
@@ -175,6 +184,7 @@ impl ConnInner {
                 error: None,
                 endpoint_events: Vec::new(),
                 unannounced_credit: 0,
+                announce_credit,
             }),
             notify: Notify::new(),
             app_refs: AtomicUsize::new(0),
@@ -205,6 +215,9 @@ impl ConnInner {
         }
     }
 }
+
+/// A driver keeps its packet buffers while its next timer is this close (it is busy).
+const KEEP_BUFFERS_FOR: Duration = Duration::from_millis(50);
 
 /// Drives one connection: timers, packet writes, wake-ups. Runs until the connection drained.
 pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
@@ -253,9 +266,10 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
             tokio::task::yield_now().await;
             continue;
         }
-        if transmits.is_empty() {
-            // Idle: give the packet buffers back (they can hold a GSO batch each), so an
-            // idle connection stays small.
+        if transmits.is_empty() && timeout.is_none_or(|t| t > Instant::now() + KEEP_BUFFERS_FOR) {
+            // Going quiet: give the packet buffers back (they can hold a GSO batch each), so
+            // an idle connection stays small. A busy one keeps them: allocating and freeing
+            // them per wake-up costs page faults.
             for b in bufs.iter_mut() {
                 *b = Vec::new();
             }
@@ -267,7 +281,12 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
             }
         };
         tokio::select! {
-            _ = conn.notify.notified() => {}
+            _ = conn.notify.notified() => {
+                // Woken by the receive task or an application call: the tasks woken with us
+                // (readers about to answer, writers) go first, so what they write leaves in
+                // the same packets as the ACKs instead of in packets of its own.
+                tokio::task::yield_now().await;
+            }
             _ = sleep => {}
         }
     }

@@ -248,7 +248,7 @@ impl RecvStream {
         }
         match st.proto.stream_read_chunk(self.id, max) {
             Ok(Some(b)) => {
-                let wake = st.note_read(self.id, b.len());
+                let wake = st.note_read(b.len());
                 drop(st);
                 if wake {
                     self.conn.notify.notify_one();
@@ -346,7 +346,7 @@ impl AsyncRead for RecvStream {
             .stream_read_with(this.id, buf.remaining(), |data| buf.put_slice(data))
         {
             Ok(Some(n)) => {
-                let wake = st.note_read(this.id, n);
+                let wake = st.note_read(n);
                 drop(st);
                 if wake {
                     this.conn.notify.notify_one();

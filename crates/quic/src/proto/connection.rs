@@ -646,6 +646,11 @@ impl Connection {
         unsafe { self.shared.as_mut() }
     }
 
+    /// The transport settings this connection was made with.
+    pub fn transport(&self) -> &TransportConfig {
+        &self.config
+    }
+
     /// Which side this is.
     pub fn side(&self) -> Side {
         self.side

@@ -130,14 +130,19 @@ async fn qlog_files_are_written_when_configured() {
         conn.close(0, b"");
         drop(conn);
         drop(client);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut found = false;
-        for entry in std::fs::read_dir(&dir).expect("read dir") {
-            let path = entry.expect("entry").path();
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if path.to_string_lossy().contains("client-") && text.contains("qlog") {
-                found = true;
-            }
+        // The qlog is written as the connection goes away: look until it is there (bounded).
+        let client_qlog_written = || {
+            std::fs::read_dir(&dir).expect("read dir").any(|entry| {
+                let path = entry.expect("entry").path();
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                path.to_string_lossy().contains("client-") && text.contains("qlog")
+            })
+        };
+        let deadline = tokio::time::Instant::now() + LIMIT / 2;
+        let mut found = client_qlog_written();
+        while !found && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            found = client_qlog_written();
         }
         let _ = std::fs::remove_dir_all(&dir);
         assert!(found, "no client qlog with content");

@@ -64,6 +64,10 @@ const DELIVERIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("session_
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 
+/// Most messages in one message block: a block is rewritten when less than half of it is
+/// still named, so its size bounds that rewrite.
+const BLOCK_MESSAGES: usize = 1024;
+
 /// Kinds of entry in a delivery block.
 const QUEUED: u8 = 0;
 const IN_FLIGHT: u8 = 1;
@@ -453,15 +457,20 @@ impl MessageRefs {
             .unwrap_or_default()
     }
 
-    /// Puts the messages named since the last call into a new block, written with the batch.
+    /// Puts the messages named since the last call into new blocks (of at most
+    /// [`BLOCK_MESSAGES`] each), written with the batch.
     fn seal(&mut self, pending: &mut Batch) {
-        if self.fresh.is_empty() {
-            return;
+        let fresh = std::mem::take(&mut self.fresh);
+        for chunk in fresh.chunks(BLOCK_MESSAGES) {
+            self.seal_block(chunk, pending);
         }
+    }
+
+    fn seal_block(&mut self, fresh: &[usize], pending: &mut Batch) {
         let b = self.next_block;
-        let mut members = Vec::with_capacity(self.fresh.len());
-        let mut contents = Vec::with_capacity(self.fresh.len());
-        for id in self.fresh.drain(..) {
+        let mut members = Vec::with_capacity(fresh.len());
+        let mut contents = Vec::with_capacity(fresh.len());
+        for &id in fresh {
             // Gone meanwhile, or listed twice: not in this block.
             if let Some(r) = self.map.get_mut(&id)
                 && r.block.is_none()
@@ -1035,7 +1044,9 @@ impl RedbStore {
             };
         }
         // Message number -> message, how many deliveries name it, its block.
-        let mut messages: HashMap<u64, (SharedMessage, u64, u64)> = HashMap::new();
+        // In number order (blocks are numbered, and their messages numbered, in the order
+        // they were written): found by binary search.
+        let mut messages: Vec<(u64, SharedMessage, u64, u64)> = Vec::new();
         let mut next_seq = 0;
         let mut next_block = 0;
         if let Some(t) = rows!(MESSAGES) {
@@ -1062,9 +1073,12 @@ impl RedbStore {
                 .map_err(|e| unreadable(MESSAGES.name(), &b, e))?;
                 for (seq, m) in block {
                     next_seq = next_seq.max(seq + 1);
-                    messages.insert(seq, (Arc::new(m), 0, b));
+                    messages.push((seq, Arc::new(m), 0, b));
                 }
             }
+        }
+        if !messages.is_sorted_by_key(|m| m.0) {
+            messages.sort_unstable_by_key(|m| m.0);
         }
         let mut sessions: BTreeMap<String, (SessionState, Mirror)> = BTreeMap::new();
         if let Some(t) = rows!(HEADS) {
@@ -1129,8 +1143,12 @@ impl RedbStore {
                         };
                         let view = match reference {
                             Some((seq, qos, retain, subscription_ids)) => {
-                                match messages.get_mut(&seq) {
-                                    Some((message, count, _)) => {
+                                match messages
+                                    .binary_search_by_key(&seq, |m| m.0)
+                                    .ok()
+                                    .and_then(|i| messages.get_mut(i))
+                                {
+                                    Some((_, message, count, _)) => {
                                         *count += 1;
                                         Some(DeliveryView {
                                             message: identity(message),
@@ -1204,7 +1222,8 @@ impl RedbStore {
             ..MessageRefs::default()
         };
         let mut all_blocks: BTreeMap<u64, usize> = BTreeMap::new();
-        for (seq, (message, count, b)) in messages {
+        refs.map.reserve(messages.len());
+        for (seq, message, count, b) in messages {
             *all_blocks.entry(b).or_default() += 1;
             if count == 0 {
                 continue;

@@ -35,7 +35,7 @@
 //! Messages are stored as MQTT 5.0 PUBLISH packets encoded by the codec (all properties
 //! included), next to what the packet does not carry (expiry deadline, publisher).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! A real full disk: the data directory on a small tmpfs, filled up while the broker runs.
-//! Mounting needs root (CAP_SYS_ADMIN); without it the test says so and passes without
-//! running (the fault-injecting store in `faults.rs` covers the same error path everywhere).
+//! Mounting needs root (CAP_SYS_ADMIN), as CI has; without it the test fails and says so (it
+//! never passes without running). The fault-injecting store in `faults.rs` covers the same
+//! error path without root.
 //!
 //! Once a commit fails for lack of space, a 5.0 publisher gets PUBACK 0x80 (or 0x97) and a
 //! 3.1.1 publisher a closed connection, never an acknowledgement; after the space is freed and
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use crate::{Broker, TempDir, WAIT};
+use crate::{Broker, TempDir, WAIT, poll_until};
 
 /// Payload size: big enough to fill the file system in a few hundred messages, small enough
 /// for rumqttc's default packet size limit (10 KiB).
@@ -79,16 +80,12 @@ async fn subscribe_and_leave(addr: SocketAddr) {
         .subscribe("full/#", QoS::AtLeastOnce)
         .await
         .expect("subscribe");
-    loop {
-        match tokio::time::timeout(WAIT, el.poll())
-            .await
-            .expect("SUBACK in time")
-        {
-            Ok(Event::Incoming(Packet::SubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("subscriber: {e}"),
-        }
-    }
+    poll_until(&mut el, "full-sub: SUBACK", |ev| match ev {
+        Ok(Event::Incoming(Packet::SubAck(_))) => Some(()),
+        Ok(_) => None,
+        Err(e) => panic!("subscriber: {e}"),
+    })
+    .await;
     client.disconnect().await.expect("disconnect");
     let _ = tokio::time::timeout(WAIT, async { while el.poll().await.is_ok() {} }).await;
 }
@@ -108,20 +105,16 @@ async fn v5_publish(
         )
         .await
         .expect("publish");
-    loop {
-        match tokio::time::timeout(WAIT, el.poll())
-            .await
-            .expect("PUBACK in time")
-        {
-            Ok(rumqttc::v5::Event::Incoming(P5::PubAck(a))) => return a.reason,
-            // rumqttc reports a failure reason code as an error of the connection.
-            Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::PubAckFail {
-                reason,
-            })) => return reason,
-            Ok(_) => {}
-            Err(e) => panic!("5.0 publisher: {e}"),
-        }
-    }
+    poll_until(el, "5.0 publisher: PUBACK", |ev| match ev {
+        Ok(rumqttc::v5::Event::Incoming(P5::PubAck(a))) => Some(a.reason),
+        // rumqttc reports a failure reason code as an error of the connection.
+        Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::PubAckFail {
+            reason,
+        })) => Some(reason),
+        Ok(_) => None,
+        Err(e) => panic!("5.0 publisher: {e}"),
+    })
+    .await
 }
 
 fn payload(n: usize) -> Vec<u8> {
@@ -139,10 +132,12 @@ fn id_of(payload: &[u8]) -> Option<usize> {
 async fn a_full_disk_is_never_acknowledged_and_loses_nothing_acknowledged() {
     let dir = TempDir::new("disk-full");
     let Some(_fs) = Tmpfs::mount(&dir.0, "6m") else {
-        eprintln!(
-            "skipped: cannot mount a tmpfs here (needs root); faults.rs covers the error path"
+        panic!(
+            "cannot mount a tmpfs on {}: this test needs root (CAP_SYS_ADMIN) for a real full \
+             disk; run it as root (CI does), or skip it explicitly with `--skip disk_full` \
+             (faults.rs covers the error path without root)",
+            dir.0.display()
         );
-        return;
     };
     let data = dir.0.join("data");
     let broker = Broker::start(&data, &[]);
@@ -190,23 +185,12 @@ async fn a_full_disk_is_never_acknowledged_and_loses_nothing_acknowledged() {
     c3.publish("full/t", QoS::AtLeastOnce, false, payload(MAX_MESSAGES))
         .await
         .expect("publish");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "3.1.1 connection neither acked nor closed"
-        );
-        match tokio::time::timeout(WAIT, el3.poll())
-            .await
-            .expect("in time")
-        {
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
-                panic!("3.1.1 PUBACK while the disk is full")
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
+    poll_until(&mut el3, "3.1.1: the connection closed", |ev| match ev {
+        Ok(Event::Incoming(Packet::PubAck(_))) => panic!("3.1.1 PUBACK while the disk is full"),
+        Ok(_) => None,
+        Err(_) => Some(()),
+    })
+    .await;
 
     // Room again, a crash, a restart on the same directory: every acknowledged message is
     // delivered to the persistent subscriber.

@@ -12,7 +12,7 @@ use mqttd::message::SharedMessage;
 use mqttd::store::{MemoryStore, SessionState, Store, StoreError};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use crate::{Broker, TempDir, WAIT};
+use crate::{Broker, TempDir, WAIT, poll_until};
 
 #[test]
 fn a_second_broker_on_a_locked_data_directory_refuses_to_start() {
@@ -120,16 +120,13 @@ async fn v5_connect(addr: SocketAddr, id: &str) -> V5 {
     let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));
     let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
-    loop {
-        match tokio::time::timeout(WAIT, el.poll())
-            .await
-            .expect("in time")
-        {
-            Ok(rumqttc::v5::Event::Incoming(P5::ConnAck(_))) => return (client, el),
-            Ok(_) => {}
-            Err(e) => panic!("5.0 connection failed: {e}"),
-        }
-    }
+    poll_until(&mut el, &format!("{id}: CONNACK"), |ev| match ev {
+        Ok(rumqttc::v5::Event::Incoming(P5::ConnAck(_))) => Some(()),
+        Ok(_) => None,
+        Err(e) => panic!("5.0 connection failed: {e}"),
+    })
+    .await;
+    (client, el)
 }
 
 async fn v5_publish(c: &mut V5, retain: bool) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
@@ -142,20 +139,16 @@ async fn v5_publish(c: &mut V5, retain: bool) -> rumqttc::v5::mqttbytes::v5::Pub
     )
     .await
     .expect("publish");
-    loop {
-        match tokio::time::timeout(WAIT, c.1.poll())
-            .await
-            .expect("in time")
-        {
-            Ok(rumqttc::v5::Event::Incoming(P5::PubAck(a))) => return a.reason,
-            // rumqttc reports a failure reason code as an error of the connection.
-            Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::PubAckFail {
-                reason,
-            })) => return reason,
-            Ok(_) => {}
-            Err(e) => panic!("5.0 connection failed: {e}"),
-        }
-    }
+    poll_until(&mut c.1, "5.0 PUBACK", |ev| match ev {
+        Ok(rumqttc::v5::Event::Incoming(P5::PubAck(a))) => Some(a.reason),
+        // rumqttc reports a failure reason code as an error of the connection.
+        Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::PubAckFail {
+            reason,
+        })) => Some(reason),
+        Ok(_) => None,
+        Err(e) => panic!("5.0 connection failed: {e}"),
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,16 +178,12 @@ async fn a_failed_commit_is_never_acknowledged() {
     sub.subscribe("faulty/#", QoS::AtLeastOnce)
         .await
         .expect("subscribe");
-    loop {
-        match tokio::time::timeout(WAIT, sub_el.poll())
-            .await
-            .expect("in time")
-        {
-            Ok(Event::Incoming(Packet::SubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("subscriber: {e}"),
-        }
-    }
+    poll_until(&mut sub_el, "subscriber: SUBACK", |ev| match ev {
+        Ok(Event::Incoming(Packet::SubAck(_))) => Some(()),
+        Ok(_) => None,
+        Err(e) => panic!("subscriber: {e}"),
+    })
+    .await;
     sub.disconnect().await.expect("disconnect");
     let _ = tokio::time::timeout(WAIT, async { while sub_el.poll().await.is_ok() {} }).await;
 
@@ -221,18 +210,12 @@ async fn a_failed_commit_is_never_acknowledged() {
         .publish("faulty/t", QoS::AtLeastOnce, false, "x")
         .await
         .expect("publish");
-    loop {
-        match tokio::time::timeout(WAIT, el.poll())
-            .await
-            .expect("in time")
-        {
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
-                panic!("3.1.1 PUBACK for what was not stored")
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
+    poll_until(&mut el, "3.1.1: the connection closed", |ev| match ev {
+        Ok(Event::Incoming(Packet::PubAck(_))) => panic!("3.1.1 PUBACK for what was not stored"),
+        Ok(_) => None,
+        Err(_) => Some(()),
+    })
+    .await;
 
     // Once the store works again, so do acknowledgements (what was refused stays pending in
     // the store and is retried by this commit).

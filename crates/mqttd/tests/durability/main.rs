@@ -2,7 +2,7 @@
 //! SIGKILL at seeded random moments while rumqttc clients publish, restart on the same data
 //! directory, check that nothing acknowledged was lost. Plus the startup faults (a locked data
 //! directory, a corrupted database file), a failing commit through a fault-injecting store, and a
-//! real full disk (a small tmpfs, when the tests may mount one).
+//! real full disk (a small tmpfs: the test needs root).
 //!
 //! `MQTTD_CRASH_SEED` picks another seed; `MQTTD_CRASH_DURABILITY=none` runs the crash test
 //! against `durability = "none"` to see it fail (acknowledgements sent before anything is stored).
@@ -19,6 +19,46 @@ use std::time::Duration;
 
 /// Upper bound of any single wait.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// An MQTT client's event loop (rumqttc's 3.1.1 and 5.0 ones).
+pub trait EventLoop {
+    /// What one poll yields.
+    type Event;
+    /// The next event (or connection error).
+    fn next(&mut self) -> impl std::future::Future<Output = Self::Event>;
+}
+
+impl EventLoop for rumqttc::EventLoop {
+    type Event = Result<rumqttc::Event, rumqttc::ConnectionError>;
+    async fn next(&mut self) -> Self::Event {
+        self.poll().await
+    }
+}
+
+impl EventLoop for rumqttc::v5::EventLoop {
+    type Event = Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>;
+    async fn next(&mut self) -> Self::Event {
+        self.poll().await
+    }
+}
+
+/// Polls `el` until `pick` returns something for an event (or a connection error), within
+/// [`WAIT`] in all; panics naming `what` when nothing came in time.
+pub async fn poll_until<L: EventLoop, T>(
+    el: &mut L,
+    what: &str,
+    mut pick: impl FnMut(L::Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, el.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"));
+        if let Some(t) = pick(ev) {
+            return t;
+        }
+    }
+}
 
 /// A running broker, killed on drop.
 pub struct Broker {

@@ -4,8 +4,9 @@
 //! The broker keeps its working copy in memory and hands every change of a persistent
 //! session's state to the [`Store`] at the end of each batch of events ([`Store::save_session`]),
 //! and every change of a retained message immediately. At start it loads both back. The
-//! in-memory implementation ([`MemoryStore`]) keeps snapshots; a durable one (redb) will write
-//! the same [`SessionState`] values to disk. Everything a session needs to resume
+//! in-memory implementation ([`MemoryStore`]) keeps snapshots; the durable one
+//! ([`crate::store_redb::RedbStore`]) writes what changed since it last saw the session (new
+//! messages once each, small per-session deltas; [`QueueLog`] tells it how the queue changed). Everything a session needs to resume
 //! (subscriptions, unacknowledged QoS 1/2 messages both ways, queued messages, the packet-id
 //! counter, a pending will) is a field of [`SessionState`], so nothing is lost across the trait.
 //!

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use crate::{Broker, TempDir, WAIT, poll_until};
+use crate::{Broker, TempDir, WAIT, poll_until, v5_publish_reason};
 
 /// Payload size: big enough to fill the file system in a few hundred messages, small enough
 /// for rumqttc's default packet size limit (10 KiB).
@@ -96,25 +96,7 @@ async fn v5_publish(
     el: &mut rumqttc::v5::EventLoop,
     payload: Vec<u8>,
 ) -> PubAckReason {
-    client
-        .publish(
-            "full/t",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            payload,
-        )
-        .await
-        .expect("publish");
-    poll_until(el, "5.0 publisher: PUBACK", |ev| match ev {
-        Ok(rumqttc::v5::Event::Incoming(P5::PubAck(a))) => Some(a.reason),
-        // rumqttc reports a failure reason code as an error of the connection.
-        Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::PubAckFail {
-            reason,
-        })) => Some(reason),
-        Ok(_) => None,
-        Err(e) => panic!("5.0 publisher: {e}"),
-    })
-    .await
+    v5_publish_reason(client, el, "full/t", false, payload, "5.0 publisher").await
 }
 
 fn payload(n: usize) -> Vec<u8> {

@@ -12,7 +12,7 @@ use mqttd::message::SharedMessage;
 use mqttd::store::{MemoryStore, SessionState, Store, StoreError};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use crate::{Broker, TempDir, WAIT, poll_until};
+use crate::{Broker, TempDir, WAIT, poll_until, v5_publish_reason};
 
 #[test]
 fn a_second_broker_on_a_locked_data_directory_refuses_to_start() {
@@ -130,24 +130,14 @@ async fn v5_connect(addr: SocketAddr, id: &str) -> V5 {
 }
 
 async fn v5_publish(c: &mut V5, retain: bool) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
-    use rumqttc::v5::mqttbytes::v5::Packet as P5;
-    c.0.publish(
+    v5_publish_reason(
+        &c.0,
+        &mut c.1,
         "faulty/t",
-        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
         retain,
-        "x",
+        b"x".to_vec(),
+        "5.0 connection",
     )
-    .await
-    .expect("publish");
-    poll_until(&mut c.1, "5.0 PUBACK", |ev| match ev {
-        Ok(rumqttc::v5::Event::Incoming(P5::PubAck(a))) => Some(a.reason),
-        // rumqttc reports a failure reason code as an error of the connection.
-        Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::PubAckFail {
-            reason,
-        })) => Some(reason),
-        Ok(_) => None,
-        Err(e) => panic!("5.0 connection failed: {e}"),
-    })
     .await
 }
 

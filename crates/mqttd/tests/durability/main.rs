@@ -60,6 +60,37 @@ pub async fn poll_until<L: EventLoop, T>(
     }
 }
 
+/// Publishes `payload` on `topic` at QoS 1 over MQTT 5.0 and returns the PUBACK's reason code
+/// (rumqttc reports a failure code as a connection error; both are turned into the code).
+pub async fn v5_publish_reason(
+    client: &rumqttc::v5::AsyncClient,
+    el: &mut rumqttc::v5::EventLoop,
+    topic: &str,
+    retain: bool,
+    payload: Vec<u8>,
+    what: &str,
+) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    client
+        .publish(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            retain,
+            payload,
+        )
+        .await
+        .expect("publish");
+    poll_until(el, &format!("{what}: PUBACK"), |ev| match ev {
+        Ok(rumqttc::v5::Event::Incoming(P5::PubAck(a))) => Some(a.reason),
+        Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::PubAckFail {
+            reason,
+        })) => Some(reason),
+        Ok(_) => None,
+        Err(e) => panic!("{what}: {e}"),
+    })
+    .await
+}
+
 /// A running broker, killed on drop.
 pub struct Broker {
     /// The process.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mqttd_quic::{CongestionControl, ConnectionError, Endpoint, StreamError, Version};
 use mqttd_test_support::{Link, Relay};
-use support::{Pki, Rng, sha256, spawn_echo, spawn_quinn_echo};
+use support::{Pki, Rng, echo, quinn_echo, sha256, spawn_echo, spawn_quinn_echo};
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -25,17 +25,6 @@ async fn wait_for_ticket(cfg: &mqttd_quic::ClientConfig) {
     while !cfg.tls.has_ticket("localhost") && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-async fn echo(conn: &mqttd_quic::Connection, payload: Vec<u8>) -> Vec<u8> {
-    let (mut send, mut recv) = conn.open_bi().await.expect("open");
-    let writer = tokio::spawn(async move {
-        send.write_all(&payload).await.expect("write");
-        send.finish().expect("finish");
-    });
-    let got = recv.read_to_end(64 << 20).await.expect("read");
-    writer.await.expect("writer");
-    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,10 +52,10 @@ async fn forced_retry_works_for_our_client_and_quinn() {
             .expect("connect")
             .await
             .expect("quinn through Retry");
-        let (mut s, mut r) = qc.open_bi().await.expect("open");
-        s.write_all(b"quinn retry").await.expect("write");
-        s.finish().expect("finish");
-        assert_eq!(r.read_to_end(100).await.expect("read"), b"quinn retry");
+        assert_eq!(
+            quinn_echo(&qc, b"quinn retry".to_vec()).await,
+            b"quinn retry"
+        );
         assert!(server.stats().retries.load(Ordering::Relaxed) >= 2);
         qc.close(0u32.into(), b"");
         conn.close(0, b"");
@@ -249,10 +238,7 @@ async fn endpoint_close_and_wait_idle_reach_quinn() {
             // the connections are established on both sides. A server closing before that
             // must send the close as a transport CONNECTION_CLOSE with APPLICATION_ERROR
             // (RFC 9000, 10.2.3), which is not what this test is about.
-            let (mut s, mut r) = c.open_bi().await.expect("open");
-            s.write_all(b"up").await.expect("write");
-            s.finish().expect("finish");
-            assert_eq!(r.read_to_end(10).await.expect("read"), b"up");
+            assert_eq!(quinn_echo(&c, b"up".to_vec()).await, b"up");
             conns.push(c);
         }
         server.close(9, b"shutdown");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqttd_quic::Endpoint;
-use support::{Pki, Rng, sha256, spawn_echo, spawn_quinn_echo};
+use support::{Pki, Rng, echo, quinn_echo, sha256, spawn_echo, spawn_quinn_echo};
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(40);
@@ -43,17 +43,6 @@ fn our_client_config(pki: &Pki) -> mqttd_quic::ClientConfig {
 
 // ---- our client -> quinn server ----------------------------------------------------------
 
-async fn our_echo(conn: &mqttd_quic::Connection, payload: Vec<u8>) -> Vec<u8> {
-    let (mut send, mut recv) = conn.open_bi().await.expect("open");
-    let writer = tokio::spawn(async move {
-        send.write_all(&payload).await.expect("write");
-        send.finish().expect("finish");
-    });
-    let got = recv.read_to_end(BIG * 2).await.expect("read");
-    writer.await.expect("writer");
-    got
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_client_quinn_server_echo_streams_datagrams() {
     timeout(LIMIT, async {
@@ -72,7 +61,7 @@ async fn our_client_quinn_server_echo_streams_datagrams() {
         // 16 MiB echo on one stream, SHA-256 compared.
         let payload = Rng(1).bytes(BIG);
         let want = sha256(&payload);
-        let got = our_echo(&conn, payload).await;
+        let got = echo(&conn, payload).await;
         assert_eq!(got.len(), BIG);
         assert_eq!(sha256(&got), want, "16 MiB echo corrupted");
 
@@ -82,7 +71,7 @@ async fn our_client_quinn_server_echo_streams_datagrams() {
             let conn = conn.clone();
             tasks.push(tokio::spawn(async move {
                 let payload = Rng(i + 100).bytes(10_000 + i as usize * 100);
-                let got = our_echo(&conn, payload.clone()).await;
+                let got = echo(&conn, payload.clone()).await;
                 assert!(got == payload, "stream {i} corrupted");
             }));
         }
@@ -120,7 +109,7 @@ async fn our_client_0rtt_and_migration_against_quinn() {
             .expect("connect")
             .await
             .expect("handshake");
-        let got = our_echo(&conn, b"hello".to_vec()).await;
+        let got = echo(&conn, b"hello".to_vec()).await;
         assert_eq!(got, b"hello");
         let deadline = tokio::time::Instant::now() + LIMIT / 4;
         while !cfg.tls.has_ticket("localhost") && tokio::time::Instant::now() < deadline {
@@ -177,17 +166,6 @@ async fn our_client_0rtt_and_migration_against_quinn() {
 }
 
 // ---- quinn client -> our server ----------------------------------------------------------
-
-async fn quinn_echo(conn: &quinn::Connection, payload: Vec<u8>) -> Vec<u8> {
-    let (mut send, mut recv) = conn.open_bi().await.expect("open");
-    let writer = tokio::spawn(async move {
-        send.write_all(&payload).await.expect("write");
-        send.finish().expect("finish");
-    });
-    let got = recv.read_to_end(BIG * 2).await.expect("read");
-    writer.await.expect("writer");
-    got
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quinn_client_our_server_echo_streams_datagrams() {

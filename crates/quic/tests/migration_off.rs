@@ -8,20 +8,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mqttd_quic::Endpoint;
-use support::{Pki, spawn_echo};
+use support::{Pki, echo, spawn_echo};
 use tokio::time::timeout;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
-}
-
-async fn echo(conn: &mqttd_quic::Connection, payload: &[u8]) -> Vec<u8> {
-    let (mut send, mut recv) = conn.open_bi().await.expect("open");
-    send.write_all(payload).await.expect("write");
-    send.finish().expect("finish");
-    recv.read_to_end(1 << 20).await.expect("read")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +63,7 @@ async fn migration_off_reaches_the_client_and_a_rebinding_client_is_still_follow
             .await
             .expect("handshake");
         assert!(conn.peer_disables_active_migration());
-        assert_eq!(echo(&conn, b"before").await, b"before");
+        assert_eq!(echo(&conn, b"before".to_vec()).await, b"before");
         let server_side = accepted.recv().await.expect("server connection");
         let before = server_side.remote_address();
         assert_eq!(before, client.local_addr());
@@ -79,7 +72,7 @@ async fn migration_off_reaches_the_client_and_a_rebinding_client_is_still_follow
         // rebinding looks like to the server): the connection carries on from the new port.
         let new = client.rebind(localhost()).expect("rebind");
         assert_ne!(new, before);
-        assert_eq!(echo(&conn, b"after").await, b"after");
+        assert_eq!(echo(&conn, b"after".to_vec()).await, b"after");
         // The server followed the client to its new address on the same connection.
         for _ in 0..100 {
             if server_side.remote_address() == new {

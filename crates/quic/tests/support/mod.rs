@@ -210,3 +210,32 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(data).into()
 }
+
+/// Sends `payload` on a new bidirectional stream of ours, finishes it, and returns everything
+/// the peer echoed until its FIN (writing and reading at once, so any size works).
+pub async fn echo(conn: &mqttd_quic::Connection, payload: Vec<u8>) -> Vec<u8> {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    // Room for a wrong echo to show up as different bytes rather than as "too long".
+    let limit = 2 * payload.len() + 64;
+    let writer = tokio::spawn(async move {
+        send.write_all(&payload).await.expect("write");
+        send.finish().expect("finish");
+    });
+    let got = recv.read_to_end(limit).await.expect("read");
+    writer.await.expect("writer");
+    got
+}
+
+/// [`echo`] from a quinn client connection.
+pub async fn quinn_echo(conn: &quinn::Connection, payload: Vec<u8>) -> Vec<u8> {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    // Room for a wrong echo to show up as different bytes rather than as "too long".
+    let limit = 2 * payload.len() + 64;
+    let writer = tokio::spawn(async move {
+        send.write_all(&payload).await.expect("write");
+        send.finish().expect("finish");
+    });
+    let got = recv.read_to_end(limit).await.expect("read");
+    writer.await.expect("writer");
+    got
+}

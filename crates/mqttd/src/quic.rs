@@ -137,10 +137,12 @@ pub fn fingerprint(der: &[u8]) -> String {
 }
 
 /// The certificate and key to serve: configured files, or the generated pair in `data_dir`
-/// (created on first use). Returns PEM chain, PEM key, the certificate's path and whether it
-/// was generated now.
-fn certificate(
-    config: &QuicConfig,
+/// (created on first use, with `listen`'s address among its names). Returns PEM chain, PEM
+/// key, the certificate's path and whether it was generated now. The TLS-over-TCP listener
+/// serves the same generated pair.
+pub(crate) fn certificate(
+    cert_and_key: Option<&(PathBuf, PathBuf)>,
+    listen: SocketAddr,
     data_dir: &Path,
 ) -> Result<(Vec<u8>, Vec<u8>, PathBuf, bool), QuicError> {
     let read = |path: &Path| {
@@ -149,7 +151,7 @@ fn certificate(
             source,
         })
     };
-    if let Some((cert, key)) = &config.cert_and_key {
+    if let Some((cert, key)) = cert_and_key {
         return Ok((read(cert)?, read(key)?, cert.clone(), false));
     }
     let cert_path = data_dir.join(GENERATED_CERT);
@@ -162,8 +164,8 @@ fn certificate(
         source,
     })?;
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".into(), "::1".into()];
-    if !config.listen.ip().is_unspecified() && !config.listen.ip().is_loopback() {
-        names.push(config.listen.ip().to_string());
+    if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
+        names.push(listen.ip().to_string());
     }
     let generated = rcgen::generate_simple_self_signed(names)
         .map_err(|e| QuicError::Generate(e.to_string()))?;
@@ -197,7 +199,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), QuicError> {
 }
 
 /// The DER of the first certificate in a PEM chain.
-fn leaf_der(chain_pem: &[u8], path: &Path) -> Result<Vec<u8>, QuicError> {
+pub(crate) fn leaf_der(chain_pem: &[u8], path: &Path) -> Result<Vec<u8>, QuicError> {
     pem::parse_many(chain_pem)
         .ok()
         .and_then(|blocks| {
@@ -250,7 +252,8 @@ pub async fn start(
     ctx: ConnContext,
     shutdown: watch::Receiver<bool>,
 ) -> Result<QuicListener, QuicError> {
-    let (cert_pem, key_pem, cert_path, generated) = certificate(config, data_dir)?;
+    let (cert_pem, key_pem, cert_path, generated) =
+        certificate(config.cert_and_key.as_ref(), config.listen, data_dir)?;
     let fingerprint = fingerprint(&leaf_der(&cert_pem, &cert_path)?);
     let server = server_config(config, &cert_pem, &key_pem, ctx.limits().max_connections)?;
     let endpoint = Endpoint::server(server, config.listen).map_err(|source| QuicError::Bind {
@@ -612,7 +615,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mqttd-quic-cert-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let config = QuicConfig::default();
-        let (cert, key, path, generated) = certificate(&config, &dir).expect("generate");
+        let (cert, key, path, generated) =
+            certificate(None, config.listen, &dir).expect("generate");
         assert!(generated);
         assert_eq!(path, dir.join(GENERATED_CERT));
         let fp = fingerprint(&leaf_der(&cert, &path).expect("a certificate"));
@@ -629,7 +633,7 @@ mod tests {
             assert_eq!(mode & 0o077, 0, "the key is private");
         }
         // The second start reuses it: same fingerprint.
-        let (cert2, _, _, generated2) = certificate(&config, &dir).expect("reuse");
+        let (cert2, _, _, generated2) = certificate(None, config.listen, &dir).expect("reuse");
         assert!(!generated2);
         assert_eq!(
             fingerprint(&leaf_der(&cert2, &path).expect("a certificate")),

@@ -63,6 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     qos: QoS::AtLeastOnce,
                     retain: false,
                     subscription_ids: Vec::new(),
+                    hold: Default::default(),
                 });
             }
             store.save_session(&state)?;

@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::retain::RetainStore;
 use crate::router::{ClientId, FastMap, FastSet, Router, parse_filter, validate_topic_name};
 use crate::session::{Link, Pumped, Session, WillSpec};
-use crate::store::{Delivery, PendingWill, Store, StoreError, Subscription};
+use crate::store::{AckHold, Delivery, PendingWill, Store, StoreError, Subscription};
 
 /// Identifies one network connection (whatever carries it).
 pub type ConnId = u64;
@@ -107,6 +107,8 @@ pub struct Broker<S: Store> {
     boot_id: u64,
     /// `store.is_persistent()`, read once.
     persist: bool,
+    /// Packets waiting for durability, and those sorted free (`durability = "sync"`).
+    holds: commit::Holds,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
 }
 
@@ -192,6 +194,7 @@ impl<S: Store> Broker<S> {
             store,
             metrics,
             transmits: VecDeque::new(),
+            holds: commit::Holds::default(),
             dirty: FastSet::default(),
             scratch: FastMap::default(),
             assigned_ids: 0,
@@ -211,9 +214,12 @@ impl<S: Store> Broker<S> {
         &self.store
     }
 
-    /// The next thing to send, in order.
+    /// The next thing to send, in order (per connection).
     pub fn poll_transmit(&mut self) -> Option<(ConnId, Transmit)> {
-        self.transmits.pop_front()
+        self.holds
+            .out
+            .pop_front()
+            .or_else(|| self.transmits.pop_front())
     }
 
     /// Number of connected clients.
@@ -488,7 +494,9 @@ impl<S: Store> Broker<S> {
         match packet {
             Packet::Publish(p) => self.on_publish(conn, &client_id, p, now),
             Packet::PubAck(a) => {
-                self.session_mut(&client_id).on_puback(a.packet_id);
+                if let Some(publisher) = self.session_mut(&client_id).on_puback(a.packet_id) {
+                    self.holds.check.push(publisher);
+                }
                 self.after_ack(&client_id, now);
             }
             Packet::PubRec(r) => match self.session_mut(&client_id).on_pubrec(&r) {
@@ -627,11 +635,27 @@ impl<S: Store> Broker<S> {
             expires_at,
             publisher: Some(client_id.clone()),
         });
+        // Sync durability: the PUBACK of a QoS 1 message may go before its commit once every
+        // persistent session that holds it acknowledged it (a retained one waits for its commit).
+        let hold = match p.packet_id {
+            Some(pid) if self.holds.active && p.qos == QoS::AtLeastOnce && !message.retain => {
+                Some((pid, AckHold::new(conn)))
+            }
+            _ => None,
+        };
         let matched = if denied || bad_format {
             0
         } else {
-            self.publish(message, now)
+            if let Some((_, h)) = &hold {
+                self.holds.routing = h.share();
+            }
+            let n = self.publish(message, now);
+            self.holds.routing = AckHold::default();
+            n
         };
+        if let Some((pid, h)) = hold {
+            self.holds.acks.insert((conn, pid.get()), h);
+        }
         let reason = if denied {
             ReasonCode::NotAuthorized
         } else if bad_format {
@@ -711,6 +735,7 @@ impl<S: Store> Broker<S> {
                 qos: a.qos.unwrap_or_default(),
                 retain: a.retain,
                 subscription_ids: a.ids,
+                hold: Default::default(),
             };
             self.deliver(&client, d, now);
         }
@@ -729,6 +754,11 @@ impl<S: Store> Broker<S> {
             // QoS 0 is not queued for offline clients (mosquitto's default).
             self.count_drop(d.qos);
             return;
+        }
+        let mut d = d;
+        if d.qos != QoS::AtMostOnce && s.state.is_persistent() && self.holds.routing.is_some() {
+            // The publisher's PUBACK waits for this session (or for the commit).
+            d.hold = self.holds.routing.share();
         }
         // One session lookup per delivery: enqueue and pump on the same borrow. A queue that
         // already held messages is blocked at its front (credit or window; whatever unblocks
@@ -830,6 +860,7 @@ impl<S: Store> Broker<S> {
                             qos: min(m.qos, o.qos),
                             retain: true,
                             subscription_ids: sub_id.into_iter().collect(),
+                            hold: Default::default(),
                         });
                     }
                 }

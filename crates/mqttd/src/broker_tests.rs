@@ -886,6 +886,7 @@ fn overflow_policy_drops_qos0_first_and_counts() {
         qos,
         retain: false,
         subscription_ids: Vec::new(),
+        hold: Default::default(),
     };
     let mut q = std::collections::VecDeque::new();
     assert_eq!(enqueue(&mut q, d(QoS::AtLeastOnce, "a"), 3), None);
@@ -1185,4 +1186,316 @@ fn enhanced_authentication_is_refused() {
     let t = h.connect(1, c);
     assert_eq!(connack(&t).reason_code, ReasonCode::BadAuthenticationMethod);
     assert!(has_close(&t));
+}
+
+/// Sync durability (`commit_held`): a store whose commits complete when the test says so, and
+/// that records the payload of every message it was given to keep.
+struct Recorder {
+    inner: MemoryStore,
+    changed: bool,
+    started: Arc<std::sync::Mutex<std::collections::VecDeque<crate::store::Completer>>>,
+    kept: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Store for Recorder {
+    fn load_sessions(&mut self) -> Result<Vec<SessionState>, crate::store::StoreError> {
+        self.inner.load_sessions()
+    }
+    fn save_session(&mut self, state: &SessionState) -> Result<(), crate::store::StoreError> {
+        self.changed = true;
+        let queued = state.queue.iter();
+        let in_flight = state.outgoing.values().filter_map(|o| match o {
+            Outgoing::Publish(d) => Some(d),
+            Outgoing::Released => None,
+        });
+        let mut kept = self.kept.lock().expect("lock");
+        for d in queued.chain(in_flight) {
+            kept.push(String::from_utf8_lossy(&d.message.payload).into_owned());
+        }
+        self.inner.save_session(state)
+    }
+    fn remove_session(&mut self, client_id: &str) -> Result<(), crate::store::StoreError> {
+        self.changed = true;
+        self.inner.remove_session(client_id)
+    }
+    fn load_retained(&mut self) -> Result<Vec<SharedMessage>, crate::store::StoreError> {
+        self.inner.load_retained()
+    }
+    fn save_retained(&mut self, m: &SharedMessage) -> Result<(), crate::store::StoreError> {
+        self.changed = true;
+        self.inner.save_retained(m)
+    }
+    fn remove_retained(&mut self, topic: &str) -> Result<(), crate::store::StoreError> {
+        self.changed = true;
+        self.inner.remove_retained(topic)
+    }
+    fn start_commit(&mut self) -> crate::store::CommitTicket {
+        self.changed = false;
+        let (ticket, done) = crate::store::CommitTicket::pending();
+        self.started.lock().expect("lock").push_back(done);
+        ticket
+    }
+    fn has_pending(&self) -> bool {
+        self.changed
+    }
+}
+
+/// A broker driven as the server drives it with `durability = "sync"`.
+struct SyncH {
+    b: Broker<Recorder>,
+    now: Instant,
+    commit: Option<InFlightCommit>,
+    closed: Vec<ConnId>,
+    started: Arc<std::sync::Mutex<std::collections::VecDeque<crate::store::Completer>>>,
+    kept: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SyncH {
+    fn new() -> SyncH {
+        let started = Arc::new(std::sync::Mutex::new(Default::default()));
+        let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = Recorder {
+            inner: MemoryStore::new(),
+            changed: false,
+            started: started.clone(),
+            kept: kept.clone(),
+        };
+        let now = Instant::now();
+        let opts = BrokerOptions {
+            limits: Limits::default(),
+            allow_anonymous: Anonymous::Loopback,
+        };
+        let b = Broker::new(opts, store, Arc::new(Metrics::new()), now).expect("broker");
+        SyncH {
+            b,
+            now,
+            commit: None,
+            closed: Vec::new(),
+            started,
+            kept,
+        }
+    }
+
+    /// One batch of events, then what the driver does after it; the packets handed over.
+    fn batch(
+        &mut self,
+        events: impl FnOnce(&mut Broker<Recorder>, Instant),
+    ) -> Vec<(ConnId, Transmit)> {
+        events(&mut self.b, self.now);
+        self.b.commit_held(&mut self.commit, &mut self.closed);
+        self.closed.clear();
+        std::iter::from_fn(|| self.b.poll_transmit()).collect()
+    }
+
+    /// Commits being written.
+    fn writing(&self) -> usize {
+        self.started.lock().expect("lock").len()
+    }
+
+    /// The oldest commit completes (`ok` or failed); the packets handed over.
+    fn complete(&mut self, ok: bool) -> Vec<(ConnId, Transmit)> {
+        let done = self
+            .started
+            .lock()
+            .expect("lock")
+            .pop_front()
+            .expect("a commit is being written");
+        done.complete(if ok {
+            Ok(())
+        } else {
+            Err(crate::store::StoreError("I/O error".into()))
+        });
+        let mut c = self.commit.take().expect("a commit in flight");
+        let r = c.wait();
+        self.b.complete_commit(&mut c, r, true, &mut self.closed);
+        if !c.is_empty() {
+            self.commit = Some(c);
+        }
+        std::iter::from_fn(|| self.b.poll_transmit()).collect()
+    }
+
+    /// Completes every commit (and those their completions start).
+    fn settle(&mut self) -> Vec<(ConnId, Transmit)> {
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            if self.commit.is_none() {
+                break;
+            }
+            out.extend(self.complete(true));
+        }
+        assert!(self.commit.is_none(), "commits keep starting");
+        out
+    }
+
+    fn was_kept(&self, payload: &str) -> bool {
+        self.kept.lock().expect("lock").iter().any(|p| p == payload)
+    }
+}
+
+fn pubacks(out: &[(ConnId, Transmit)], conn: ConnId) -> Vec<u16> {
+    out.iter()
+        .filter_map(|(c, t)| match t {
+            Transmit::Packet(Packet::PubAck(a)) if *c == conn => Some(a.packet_id.get()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn delivered(out: &[(ConnId, Transmit)], conn: ConnId) -> Vec<(String, QoS, Option<u16>)> {
+    out.iter()
+        .filter_map(|(c, t)| match t {
+            Transmit::Packet(Packet::Publish(p)) if *c == conn => Some((
+                String::from_utf8_lossy(&p.payload).into_owned(),
+                p.qos,
+                p.packet_id.map(NonZeroU16::get),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Subscriber "s" (conn 1, persistent, QoS `qos` on "t") and publisher "p" (conn 2,
+/// persistent), both acknowledged.
+fn sync_pair(qos: QoS) -> SyncH {
+    let mut h = SyncH::new();
+    h.batch(|b, now| {
+        b.handle_connect(1, LOCAL, persistent(V5, "s"), now);
+        b.handle_packet(1, sub(1, "t", qos), now);
+        b.handle_connect(2, LOCAL, persistent(V5, "p"), now);
+    });
+    let out = h.settle();
+    assert!(
+        out.iter()
+            .any(|(c, t)| *c == 1 && matches!(t, Transmit::Packet(Packet::SubAck(_))))
+    );
+    h
+}
+
+#[test]
+fn sync_qos1_delivery_leaves_before_the_commit_and_the_puback_waits_for_it() {
+    let mut h = sync_pair(QoS::AtLeastOnce);
+    let out = h.batch(|b, now| b.handle_packet(2, publish("t", QoS::AtLeastOnce, 1, "m1"), now));
+    assert_eq!(h.writing(), 1, "the message is being committed");
+    assert_eq!(
+        delivered(&out, 1),
+        vec![("m1".to_owned(), QoS::AtLeastOnce, Some(1))],
+        "delivered before the commit completed"
+    );
+    assert!(
+        pubacks(&out, 2).is_empty(),
+        "not acknowledged before the commit"
+    );
+    // Events that do not acknowledge it do not free it.
+    let out = h.batch(|b, now| b.handle_packet(2, Packet::PingReq, now));
+    assert!(pubacks(&out, 2).is_empty());
+    assert!(
+        h.was_kept("m1"),
+        "captured while the subscriber had not acknowledged it"
+    );
+    let out = h.complete(true);
+    assert_eq!(pubacks(&out, 2), vec![1], "acknowledged once durable");
+}
+
+#[test]
+fn sync_puback_waits_for_every_persistent_session_or_the_commit_and_keeps_its_order() {
+    let mut h = sync_pair(QoS::AtLeastOnce);
+    // A second persistent subscriber, offline: the message is queued for it.
+    h.batch(|b, now| {
+        b.handle_connect(3, LOCAL, persistent(V5, "off"), now);
+        b.handle_packet(3, sub(1, "q", QoS::AtLeastOnce), now);
+        b.handle_packet(3, sub(2, "t", QoS::AtLeastOnce), now);
+        b.handle_closed(3, CloseReason::NetworkError, now);
+    });
+    h.settle();
+    // Something else is being committed meanwhile, so nothing below starts a commit.
+    h.batch(|b, now| b.handle_connect(4, LOCAL, persistent(V5, "x"), now));
+    assert_eq!(h.writing(), 1);
+    let out = h.batch(|b, now| {
+        b.handle_packet(2, publish("t", QoS::AtLeastOnce, 1, "both"), now);
+        b.handle_packet(2, publish("t", QoS::AtLeastOnce, 2, "also"), now);
+    });
+    let ids: Vec<u16> = delivered(&out, 1).iter().filter_map(|d| d.2).collect();
+    assert_eq!(ids.len(), 2);
+    // The online subscriber acknowledges both; the offline one still holds them.
+    let out = h.batch(|b, now| {
+        for id in &ids {
+            b.handle_packet(1, Packet::PubAck(PubAck::new(pid(*id))), now);
+        }
+    });
+    assert!(
+        pubacks(&out, 2).is_empty(),
+        "an offline session still holds them"
+    );
+    // The commit in flight did not capture them; the next one does, and then they go, in order.
+    let out = h.complete(true);
+    assert!(pubacks(&out, 2).is_empty());
+    assert_eq!(h.writing(), 1);
+    let out = h.complete(true);
+    assert_eq!(pubacks(&out, 2), vec![1, 2]);
+    assert!(h.was_kept("both") && h.was_kept("also"));
+    assert_eq!(h.b.queued("off"), Some(2));
+}
+
+#[test]
+fn sync_a_message_acknowledged_before_its_commit_is_never_written_and_its_puback_goes_at_once() {
+    let mut h = sync_pair(QoS::AtLeastOnce);
+    // A commit is being written (another client's session), so the publish waits for the next.
+    h.batch(|b, now| b.handle_connect(4, LOCAL, persistent(V5, "x"), now));
+    assert_eq!(h.writing(), 1);
+    let out = h.batch(|b, now| b.handle_packet(2, publish("t", QoS::AtLeastOnce, 7, "gone"), now));
+    assert!(pubacks(&out, 2).is_empty());
+    let d = delivered(&out, 1);
+    assert_eq!(d.len(), 1);
+    let id = d[0].2.expect("QoS 1 packet id");
+    // The subscriber acknowledges it: the PUBACK goes at once, before any commit completed.
+    let out = h.batch(|b, now| b.handle_packet(1, Packet::PubAck(PubAck::new(pid(id))), now));
+    assert_eq!(
+        pubacks(&out, 2),
+        vec![7],
+        "fully delivered: no commit to wait for"
+    );
+    assert_eq!(h.writing(), 1, "still the first commit");
+    h.settle();
+    assert!(
+        !h.was_kept("gone"),
+        "the message was never handed to the store"
+    );
+    // A message no persistent session holds needs no commit at all.
+    let out =
+        h.batch(|b, now| b.handle_packet(2, publish("nobody", QoS::AtLeastOnce, 8, "x"), now));
+    assert_eq!(pubacks(&out, 2), vec![8]);
+    assert!(h.commit.is_none());
+}
+
+#[test]
+fn sync_qos2_and_retained_still_wait_for_the_commit() {
+    let mut h = sync_pair(QoS::ExactlyOnce);
+    let out = h.batch(|b, now| b.handle_packet(2, publish("t", QoS::ExactlyOnce, 1, "once"), now));
+    assert_eq!(h.writing(), 1);
+    assert!(
+        out.is_empty(),
+        "neither the PUBREC nor the QoS 2 delivery before the commit: {out:?}"
+    );
+    let out = h.complete(true);
+    assert!(
+        out.iter()
+            .any(|(c, t)| *c == 2 && matches!(t, Transmit::Packet(Packet::PubRec(_))))
+    );
+    assert_eq!(
+        delivered(&out, 1),
+        vec![("once".to_owned(), QoS::ExactlyOnce, Some(1))]
+    );
+    // A retained QoS 1 message waits for its commit even once every session acknowledged it.
+    let mut p = publish("t", QoS::AtLeastOnce, 2, "kept");
+    if let Packet::Publish(x) = &mut p {
+        x.retain = true;
+    }
+    let out = h.batch(|b, now| b.handle_packet(2, p, now));
+    let id = delivered(&out, 1)[0].2.expect("id");
+    let out = h.batch(|b, now| {
+        b.handle_packet(1, Packet::PubAck(PubAck::new(pid(id))), now);
+    });
+    assert!(pubacks(&out, 2).is_empty());
+    let out = h.settle();
+    assert_eq!(pubacks(&out, 2), vec![2]);
 }

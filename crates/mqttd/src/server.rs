@@ -878,10 +878,10 @@ async fn run_core(
     let mut sys = tokio::time::interval(sys_every);
     sys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(256);
-    // `durability = "sync"`: a batch's packets (its acknowledgements among them) wait for the
-    // one commit that makes the whole batch durable (group commit). The store's writer thread
-    // commits while this task goes on with the next events, whose packets wait for the next
-    // commit, started as soon as the one in flight completes (pipelined).
+    // `durability = "sync"`: a batch's acknowledgements wait for the one commit that makes the
+    // whole batch durable (group commit; see broker_commit.rs for what waits). The store's
+    // writer thread commits while this task goes on with the next events, whose
+    // acknowledgements wait for the next commit, started when the one in flight completes.
     let hold = broker.is_durable() && config.durability == Durability::Sync;
     let periodic = broker.is_durable() && config.durability == Durability::Periodic;
     let mut commit_tick = tokio::time::interval(config.commit_interval);
@@ -1044,9 +1044,9 @@ fn handle_event(
     }
 }
 
-/// `durability = "sync"`: starts (or queues behind the one in flight) a commit of what the
-/// events so far changed, which holds their packets; with nothing to commit and nothing in
-/// flight, hands the packets over at once.
+/// `durability = "sync"`: starts (unless one is being written) a commit of what the events so
+/// far changed; the broker keeps the acknowledgements that wait for it and hands over the
+/// rest (deliveries) at once.
 fn sync_commit(
     broker: &mut Broker<Box<dyn Store>>,
     handles: &mut FastMap<ConnId, ConnQueue>,
@@ -1055,11 +1055,10 @@ fn sync_commit(
     now: Instant,
 ) {
     broker.commit_held(committing, closed);
-    if committing.is_none() {
-        dispatch(broker, handles, now);
-        for conn in closed.drain(..) {
-            handles.remove(&conn);
-        }
+    // What is left in the broker's queue is free to go; what waits for the commit stays in it.
+    dispatch(broker, handles, now);
+    for conn in closed.drain(..) {
+        handles.remove(&conn);
     }
 }
 

@@ -197,19 +197,24 @@ impl Session {
         sent
     }
 
-    fn complete(&mut self, id: u16) {
-        self.state.outgoing.remove(&id);
+    fn complete(&mut self, id: u16) -> Option<Outgoing> {
+        let gone = self.state.outgoing.remove(&id);
         if let Some(pos) = self.state.send_order.iter().position(|p| *p == id) {
             self.state.send_order.remove(pos);
         }
+        gone
     }
 
-    /// PUBACK for an outgoing QoS 1 message. Unknown ids are ignored.
-    pub fn on_puback(&mut self, id: PacketId) {
+    /// PUBACK for an outgoing QoS 1 message. Unknown ids are ignored. Returns the connection
+    /// of a publisher's PUBACK that this acknowledgement may free (its message's last
+    /// [`AckHold`](crate::store::AckHold) share in a session went).
+    pub fn on_puback(&mut self, id: PacketId) -> Option<ConnId> {
         if matches!(self.state.outgoing.get(&id.get()), Some(Outgoing::Publish(d)) if d.qos == QoS::AtLeastOnce)
+            && let Some(Outgoing::Publish(d)) = self.complete(id.get())
         {
-            self.complete(id.get());
+            return d.hold.frees();
         }
+        None
     }
 
     /// PUBREC for an outgoing QoS 2 message: the PUBREL to send, or `None` when the client
@@ -218,7 +223,7 @@ impl Session {
         let id = rec.packet_id.get();
         let pending = matches!(self.state.outgoing.get(&id), Some(Outgoing::Publish(d)) if d.qos == QoS::ExactlyOnce);
         if pending && rec.reason_code.is_error() {
-            self.complete(id);
+            let _ = self.complete(id);
             return None;
         }
         let mut rel = PubRel::new(rec.packet_id);
@@ -242,7 +247,7 @@ impl Session {
     /// PUBCOMP for an outgoing QoS 2 message.
     pub fn on_pubcomp(&mut self, id: PacketId) {
         if matches!(self.state.outgoing.get(&id.get()), Some(Outgoing::Released)) {
-            self.complete(id.get());
+            let _ = self.complete(id.get());
         }
     }
 }
@@ -382,6 +387,7 @@ mod tests {
             qos,
             retain: false,
             subscription_ids: Vec::new(),
+            hold: Default::default(),
         }
     }
 

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use mqttd_codec::QoS;
 
+use crate::broker::ConnId;
 use crate::message::SharedMessage;
 use crate::router::ClientId;
 
@@ -53,6 +54,73 @@ pub struct Delivery {
     pub retain: bool,
     /// Subscription identifiers of every matching subscription.
     pub subscription_ids: Vec<u32>,
+    /// Whether a publisher's PUBACK waits for this delivery (see [`AckHold`]).
+    pub hold: AckHold,
+}
+
+/// A share in a publisher's PUBACK that waits (`durability = "sync"`): every QoS 1/2 delivery
+/// of a client's QoS 1 message into a persistent session carries one, and so does the PUBACK.
+/// When the PUBACK's is the last share left, every persistent session that held the message
+/// has acknowledged it (or dropped it by policy) and the PUBACK may go without waiting for a
+/// commit: nothing of the message is left to make durable. Counted by the deliveries that
+/// hold it, so every way a delivery goes (acknowledged, dropped, its session ended) counts.
+///
+/// A copy is not a share: cloning gives an empty hold, so a snapshot of a session (a store's)
+/// never keeps a PUBACK waiting. Two holds always compare equal (bookkeeping, not state).
+#[derive(Default)]
+pub struct AckHold(Option<Arc<ConnId>>);
+
+impl AckHold {
+    /// A new hold for the PUBACK to send on `conn`.
+    pub fn new(conn: ConnId) -> AckHold {
+        AckHold(Some(Arc::new(conn)))
+    }
+
+    /// Another share in the same PUBACK (for a delivery).
+    pub fn share(&self) -> AckHold {
+        AckHold(self.0.clone())
+    }
+
+    /// Whether this is a share in a PUBACK.
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Whether no share but this one is left (always for an empty hold).
+    pub fn is_last(&self) -> bool {
+        self.0.as_ref().is_none_or(|a| Arc::strong_count(a) == 1)
+    }
+
+    /// The connection of the PUBACK when dropping this share leaves only the PUBACK's: the
+    /// PUBACK may then go.
+    pub fn frees(&self) -> Option<ConnId> {
+        self.0
+            .as_ref()
+            .filter(|a| Arc::strong_count(a) == 2)
+            .map(|a| **a)
+    }
+}
+
+impl Clone for AckHold {
+    fn clone(&self) -> Self {
+        AckHold(None)
+    }
+}
+
+impl PartialEq for AckHold {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for AckHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "AckHold(held)"
+        } else {
+            "AckHold(none)"
+        })
+    }
 }
 
 /// A QoS 1/2 message sent to the client and not yet fully acknowledged.

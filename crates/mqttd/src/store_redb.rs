@@ -1273,6 +1273,7 @@ impl RedbStore {
                     qos: e.delivery.qos,
                     retain: e.delivery.retain,
                     subscription_ids: e.delivery.subscription_ids.clone(),
+                    hold: Default::default(),
                 });
             }
             let mut order: Vec<(u64, u16)> = Vec::with_capacity(mirror.in_flight.len());
@@ -1285,6 +1286,7 @@ impl RedbStore {
                             qos: v.qos,
                             retain: v.retain,
                             subscription_ids: v.subscription_ids.clone(),
+                            hold: Default::default(),
                         }),
                         None => continue,
                     },
@@ -1850,6 +1852,7 @@ impl<'a> Reader<'a> {
             qos,
             retain,
             subscription_ids,
+            hold: Default::default(),
         })
     }
 }
@@ -1966,6 +1969,7 @@ mod tests {
             qos: m.qos,
             retain: false,
             subscription_ids: vec![3, 9],
+            hold: Default::default(),
         }
     }
 
@@ -2365,6 +2369,7 @@ mod tests {
                                     qos,
                                     retain: rng.below(2) == 0,
                                     subscription_ids: vec![step % 3],
+                                    hold: Default::default(),
                                 },
                                 6,
                             );
@@ -2388,7 +2393,7 @@ mod tests {
                     if let Some(pid) = pick.copied().and_then(PacketId::new) {
                         match s.state.outgoing.get(&pid.get()) {
                             Some(Outgoing::Publish(d)) if d.qos == QoS::AtLeastOnce => {
-                                s.on_puback(pid)
+                                s.on_puback(pid);
                             }
                             Some(Outgoing::Publish(_)) => {
                                 s.on_pubrec(&PubRec::new(pid));

@@ -59,6 +59,19 @@ pub enum Durability {
     None,
 }
 
+/// Lowest TLS version the MQTT-over-TLS listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3 (the default: many devices in the field speak only 1.2).
+    #[serde(rename = "1.2")]
+    #[value(name = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    #[value(name = "1.3")]
+    V1_3,
+}
+
 /// Every setting, all optional: the schema of `mqttd.toml` and the command-line flags.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -180,6 +193,28 @@ pub struct Settings {
     /// followed, keeping its MQTT session [default: true].
     #[arg(long)]
     pub quic_migration: Option<bool>,
+    /// MQTT over TLS listen address (TCP), e.g. `0.0.0.0:8883`; set it to serve MQTT over TLS
+    /// [default: off].
+    #[arg(long)]
+    pub tls_listen: Option<SocketAddr>,
+    /// TLS certificate chain (PEM, leaf first). Without it (and `tls_key`) the listener serves
+    /// the self-signed certificate generated into the data directory (the QUIC listener's).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM), the key of `tls_cert`.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates are verified against. Without it,
+    /// clients are not asked for a certificate.
+    #[arg(long)]
+    pub tls_cafile: Option<PathBuf>,
+    /// Refuse TLS clients that present no certificate chaining to `tls_cafile` (mosquitto's
+    /// `require_certificate`) [default: false].
+    #[arg(long)]
+    pub tls_require_certificate: Option<bool>,
+    /// Lowest TLS version accepted: `1.2` or `1.3` [default: 1.2].
+    #[arg(long)]
+    pub tls_min_version: Option<TlsVersion>,
 }
 
 /// The resolved configuration the broker runs with.
@@ -211,6 +246,24 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The MQTT-over-QUIC listener, if enabled.
     pub quic: Option<QuicConfig>,
+    /// The MQTT-over-TLS listener, if enabled.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The MQTT-over-TLS listener's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// TCP listen address.
+    pub listen: SocketAddr,
+    /// Certificate chain and private key (PEM files); `None`: the generated pair in the data
+    /// directory.
+    pub cert_and_key: Option<(PathBuf, PathBuf)>,
+    /// CA certificates client certificates are verified against (`None`: none asked for).
+    pub cafile: Option<PathBuf>,
+    /// Refuse clients without a certificate (needs `cafile`).
+    pub require_certificate: bool,
+    /// Lowest TLS version accepted.
+    pub min_version: TlsVersion,
 }
 
 /// The MQTT-over-QUIC listener's settings.
@@ -314,6 +367,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             data_dir: PathBuf::from("mqttd-data"),
             quic: Some(QuicConfig::default()),
+            tls: None,
         }
     }
 }
@@ -419,7 +473,13 @@ impl Settings {
             quic_zero_rtt,
             quic_retry,
             quic_multi_stream,
-            quic_migration
+            quic_migration,
+            tls_listen,
+            tls_cert,
+            tls_key,
+            tls_cafile,
+            tls_require_certificate,
+            tls_min_version
         )
     }
 
@@ -509,6 +569,41 @@ impl Settings {
         } else {
             None
         };
+        let require_certificate = self.tls_require_certificate.unwrap_or(false);
+        if require_certificate && self.tls_cafile.is_none() {
+            return Err(range(
+                "tls_require_certificate",
+                "needs `tls_cafile` (the CAs client certificates are checked against)",
+            ));
+        }
+        let tls = match self.tls_listen {
+            Some(listen) => Some(TlsConfig {
+                listen,
+                cert_and_key: match (self.tls_cert, self.tls_key) {
+                    (Some(c), Some(k)) => Some((c, k)),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(range("tls_key", "required when tls_cert is set"));
+                    }
+                    (None, Some(_)) => {
+                        return Err(range("tls_cert", "required when tls_key is set"));
+                    }
+                },
+                cafile: self.tls_cafile,
+                require_certificate,
+                min_version: self.tls_min_version.unwrap_or(TlsVersion::V1_2),
+            }),
+            None if self.tls_cert.is_some()
+                || self.tls_key.is_some()
+                || self.tls_cafile.is_some() =>
+            {
+                return Err(range(
+                    "tls_listen",
+                    "required when tls_cert, tls_key or tls_cafile is set (the TLS listener is off without it)",
+                ));
+            }
+            None => None,
+        };
         Ok(Config {
             listen: self.listen.unwrap_or(d.listen),
             http_listen: if http_enabled {
@@ -537,6 +632,7 @@ impl Settings {
                 .map_or(d.shutdown_grace, Duration::from_secs),
             data_dir: self.data_dir.unwrap_or(d.data_dir),
             quic,
+            tls,
         })
     }
 }
@@ -640,5 +736,36 @@ mod tests {
             .expect("valid");
         let q = c.quic.expect("QUIC on");
         assert!(!q.migration && q.zero_rtt);
+    }
+
+    #[test]
+    fn tls_listener_options() {
+        assert_eq!(Config::default().tls, None, "TLS is off by default");
+        let c = parse("tls_listen = \"127.0.0.1:8883\"\ntls_min_version = \"1.3\"\n")
+            .and_then(Settings::resolve)
+            .expect("valid");
+        let t = c.tls.expect("TLS on");
+        assert_eq!(t.listen, SocketAddr::from(([127, 0, 0, 1], 8883)));
+        assert_eq!(t.min_version, TlsVersion::V1_3);
+        assert_eq!(
+            (t.cert_and_key, t.cafile, t.require_certificate),
+            (None, None, false)
+        );
+        for (text, key) in [
+            ("tls_cert = \"c.pem\"\n", "tls_listen"),
+            (
+                "tls_listen = \"127.0.0.1:8883\"\ntls_cert = \"c.pem\"\n",
+                "tls_key",
+            ),
+            (
+                "tls_listen = \"127.0.0.1:8883\"\ntls_require_certificate = true\n",
+                "tls_require_certificate",
+            ),
+        ] {
+            let err = parse(text).and_then(Settings::resolve).expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let err = parse("tls_min_version = \"1.1\"\n").expect_err("1.1 is not offered");
+        assert!(err.to_string().contains("tls_min_version"), "{err}");
     }
 }

@@ -18,3 +18,4 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod store_redb;
+pub mod tls_listener;

@@ -343,12 +343,39 @@ fn main() -> ExitCode {
             }
             None => None,
         };
+        let tls = match &config.tls {
+            Some(t) => {
+                let shutdown = running.shutdown_handle().subscribe();
+                match mqttd::tls_listener::start(t, &config.data_dir, running.context(), shutdown)
+                    .await
+                {
+                    Ok(l) => {
+                        println!(
+                            "mqttd MQTT over TLS on mqtts://{} (certificate {}, sha256 {})",
+                            l.local_addr,
+                            l.cert_path.display(),
+                            l.fingerprint
+                        );
+                        Some(l)
+                    }
+                    Err(e) => {
+                        eprintln!("error: cannot start: {e}");
+                        running.shutdown().await;
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            None => None,
+        };
         tracing::info!(mqtt = %running.mqtt_addr, http = ?running.http_addr, "listening");
         signal.await;
         tracing::info!("signal received, shutting down");
         running.shutdown().await;
         if let Some(q) = quic {
             q.wait().await;
+        }
+        if let Some(t) = tls {
+            t.wait().await;
         }
         ExitCode::SUCCESS
     })

@@ -28,12 +28,27 @@ pub async fn v4(port: u16, id: &str, clean: bool, will: Option<rumqttc::LastWill
     if let Some(w) = will {
         opts.set_last_will(w);
     }
+    start_v4(opts).await
+}
+
+/// [`v4`] over TLS (rumqttc's rustls, an implementation independent of the broker's OpenSSL),
+/// verifying the broker's name `127.0.0.1`.
+pub async fn v4_tls(port: u16, id: &str, clean: bool, tls: rumqttc::TlsConfiguration) -> V4 {
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_session(clean);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_transport(rumqttc::Transport::tls_with_config(tls));
+    start_v4(opts).await
+}
+
+async fn start_v4(opts: rumqttc::MqttOptions) -> V4 {
+    let id = opts.client_id();
     let (client, mut el) = rumqttc::AsyncClient::new(opts, 1000);
     let mut net = el.network_options();
     net.set_connection_timeout(CONNECT_WAIT.as_secs());
     el.set_network_options(net);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let name = id.to_owned();
+    let name = id.clone();
     let task = tokio::spawn(async move {
         let mut connected = false;
         loop {

@@ -21,6 +21,8 @@ pub struct Mqttd {
     pub child: Child,
     pub mqtt: SocketAddr,
     pub http: Option<SocketAddr>,
+    /// The MQTT-over-TLS address, when started with `--tls-listen`.
+    pub tls: Option<SocketAddr>,
 }
 
 impl Mqttd {
@@ -64,14 +66,21 @@ impl Mqttd {
         });
         let mut mqtt = None;
         let mut http = None;
+        let mut tls = None;
         let deadline = std::time::Instant::now() + WAIT;
-        while mqtt.is_none() || (http.is_none() && !args.contains(&"--http-enabled")) {
+        while mqtt.is_none()
+            || (http.is_none() && !args.contains(&"--http-enabled"))
+            || (tls.is_none() && args.contains(&"--tls-listen"))
+        {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let line = rx
                 .recv_timeout(left)
                 .expect("mqttd printed its addresses in time");
             if let Some(rest) = line.split("mqtt://").nth(1) {
                 mqtt = rest.trim().parse().ok();
+            }
+            if let Some(rest) = line.split("mqtts://").nth(1) {
+                tls = rest.split(' ').next().and_then(|a| a.parse().ok());
             }
             if let Some(rest) = line.split("http://").nth(1) {
                 http = rest.split('/').next().and_then(|a| a.parse().ok());
@@ -81,6 +90,7 @@ impl Mqttd {
             child,
             mqtt: mqtt.expect("mqtt address"),
             http,
+            tls,
         }
     }
 

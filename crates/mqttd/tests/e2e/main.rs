@@ -7,3 +7,4 @@ mod cli;
 mod clients;
 mod common;
 mod mosq;
+mod tls;

@@ -110,6 +110,9 @@ pub struct Broker<S: Store> {
     /// Packets waiting for durability, and those sorted free (`durability = "sync"`).
     holds: commit::Holds,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// Usernames in CONNECTs were checked against a password file before they got here
+    /// ([`Broker::set_password_auth`]).
+    password_auth: bool,
 }
 
 impl<S: Store> std::fmt::Debug for Broker<S> {
@@ -206,7 +209,16 @@ impl<S: Store> Broker<S> {
                     .finish()
             },
             timers,
+            password_auth: false,
         })
+    }
+
+    /// Tells the broker that the connection layer checks every CONNECT carrying a username
+    /// against a password file and refuses wrong ones before they arrive here: a CONNECT with a
+    /// username is then authenticated, and only clients without one are subject to
+    /// `allow_anonymous`.
+    pub fn set_password_auth(&mut self, on: bool) {
+        self.password_auth = on;
     }
 
     /// The store (for inspection).
@@ -257,18 +269,20 @@ impl<S: Store> Broker<S> {
     pub fn handle_connect(&mut self, conn: ConnId, peer: IpAddr, connect: Connect, now: Instant) {
         let v = connect.protocol_version;
         let limits = self.opts.limits.clone();
-        let allowed = match self.opts.allow_anonymous {
-            Anonymous::Always => true,
-            Anonymous::Never => false,
-            Anonymous::Loopback => peer.is_loopback() || peer.to_canonical().is_loopback(),
-        };
+        let authenticated = self.password_auth && connect.username.is_some();
+        let allowed = authenticated
+            || match self.opts.allow_anonymous {
+                Anonymous::Always => true,
+                Anonymous::Never => false,
+                Anonymous::Loopback => peer.is_loopback() || peer.to_canonical().is_loopback(),
+            };
         if !allowed {
             tracing::info!(%peer, "refused anonymous client");
-            return self.refuse(
-                conn,
-                ReasonCode::NotAuthorized,
-                "anonymous access is allowed on loopback only",
-            );
+            let why = match self.opts.allow_anonymous {
+                Anonymous::Loopback => "anonymous access is allowed on loopback only",
+                _ => "anonymous access is not allowed",
+            };
+            return self.refuse(conn, ReasonCode::NotAuthorized, why);
         }
         if connect.properties.authentication_method.is_some() {
             // No enhanced authentication method is supported (yet).

@@ -1,4 +1,4 @@
-//! A small MQTT client over TCP or QUIC, for the `mqttd pub` and `mqttd sub` subcommands
+//! A small MQTT client over TCP, TLS or QUIC, for the `mqttd pub` and `mqttd sub` subcommands
 //! (mosquitto_pub/mosquitto_sub for MQTT over QUIC, which no common command-line client
 //! speaks).
 //!
@@ -29,11 +29,15 @@ pub struct ClientOptions {
     pub port: Option<u16>,
     /// MQTT over QUIC instead of TCP.
     pub quic: bool,
-    /// QUIC: accept any server certificate (encrypted, not authenticated).
+    /// MQTT over TLS (TCP) instead of plain TCP.
+    pub tls: bool,
+    /// TLS and QUIC: accept any server certificate (encrypted, not authenticated).
     pub insecure: bool,
-    /// QUIC: trust the CA certificates (or the self-signed certificate) in this PEM file
-    /// instead of the system roots.
+    /// TLS and QUIC: trust the CA certificates (or the self-signed certificate) in this PEM
+    /// file instead of the system roots.
     pub cafile: Option<PathBuf>,
+    /// Username and password sent in the CONNECT.
+    pub credentials: Option<(String, String)>,
     /// Client identifier (empty: the broker assigns one, 5.0; a random one for 3.1.1).
     pub client_id: String,
     /// MQTT protocol version.
@@ -53,6 +57,9 @@ pub enum ClientError {
     /// TLS configuration (CA file).
     #[error("TLS: {0}")]
     Tls(#[from] mqttd_tls::TlsError),
+    /// The TLS (over TCP) configuration or handshake failed.
+    #[error("TLS: {0}")]
+    TlsTcp(String),
     /// The QUIC connection failed.
     #[error("QUIC: {0}")]
     Quic(String),
@@ -174,11 +181,46 @@ async fn connect_quic(opts: &ClientOptions, addr: SocketAddr) -> Result<QuicStre
     })
 }
 
+/// The TLS handshake over `tcp`, verifying the broker's certificate against `opts.cafile`
+/// (or the system roots) and its name against `opts.host`, unless `opts.insecure`.
+async fn connect_tls(
+    opts: &ClientOptions,
+    tcp: tokio::net::TcpStream,
+) -> Result<tokio_openssl::SslStream<tokio::net::TcpStream>, ClientError> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let tls = |e: openssl::error::ErrorStack| ClientError::TlsTcp(e.to_string());
+    let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(tls)?;
+    if let Some(ca) = &opts.cafile {
+        b.set_ca_file(ca)
+            .map_err(|e| ClientError::TlsTcp(format!("{}: {e}", ca.display())))?;
+    }
+    if opts.insecure {
+        b.set_verify(SslVerifyMode::NONE);
+    }
+    let ssl = b
+        .build()
+        .configure()
+        .map_err(tls)?
+        .verify_hostname(!opts.insecure)
+        .into_ssl(&opts.host)
+        .map_err(tls)?;
+    let mut stream = tokio_openssl::SslStream::new(ssl, tcp).map_err(tls)?;
+    tokio::time::timeout(ANSWER, Pin::new(&mut stream).connect())
+        .await
+        .map_err(|_| ClientError::Timeout("the TLS handshake"))?
+        .map_err(|e| ClientError::TlsTcp(e.to_string()))?;
+    Ok(stream)
+}
+
 impl Client {
     /// Connects and completes CONNECT/CONNACK.
     pub async fn connect(opts: &ClientOptions) -> Result<Client, ClientError> {
-        let port = opts.port.unwrap_or(if opts.quic { 14567 } else { 1883 });
-        let addr = resolve(&opts.host, port)?;
+        let default_port = match (opts.quic, opts.tls) {
+            (true, _) => 14567,
+            (false, true) => 8883,
+            (false, false) => 1883,
+        };
+        let addr = resolve(&opts.host, opts.port.unwrap_or(default_port))?;
         let io: Box<dyn Io> = if opts.quic {
             Box::new(connect_quic(opts, addr).await?)
         } else {
@@ -186,7 +228,11 @@ impl Client {
                 .await
                 .map_err(|_| ClientError::Timeout("the TCP connection"))??;
             let _ = s.set_nodelay(true);
-            Box::new(s)
+            if opts.tls {
+                Box::new(connect_tls(opts, s).await?)
+            } else {
+                Box::new(s)
+            }
         };
         let mut client = Client {
             io,
@@ -206,6 +252,15 @@ impl Client {
             })?;
         let mut connect = Connect::new(opts.version, id, opts.keep_alive);
         connect.clean_start = opts.clean;
+        if let Some((user, password)) = &opts.credentials {
+            connect.username = Some(MqttString::from_bytes(Bytes::from(user.clone())).map_err(
+                |_| ClientError::Invalid {
+                    what: "username",
+                    value: user.clone(),
+                },
+            )?);
+            connect.password = Some(Bytes::from(password.clone()));
+        }
         client.send(Packet::Connect(Box::new(connect))).await?;
         match client.recv_within(ANSWER, "CONNACK").await? {
             Packet::ConnAck(a) if a.reason_code == ReasonCode::Success => Ok(client),

@@ -29,6 +29,26 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Adds or changes a user's password in a password file (Argon2id), or deletes the user,
+    /// like mosquitto_passwd. The password is read from standard input (one line) unless `-b`.
+    Passwd {
+        /// Create the file, replacing an existing one (mosquitto_passwd's `-c`; `-c` here is
+        /// the global `--config`).
+        #[arg(long)]
+        create: bool,
+        /// Delete the user instead.
+        #[arg(short = 'D', conflicts_with_all = ["batch", "create"])]
+        delete: bool,
+        /// Batch mode: the password is the third argument.
+        #[arg(short = 'b', requires = "password")]
+        batch: bool,
+        /// The password file.
+        file: PathBuf,
+        /// The username.
+        username: String,
+        /// The password (with `-b`).
+        password: Option<String>,
+    },
     /// Publishes a message, like mosquitto_pub, over TCP or MQTT over QUIC (`--quic`).
     Pub {
         #[command(flatten)]
@@ -91,19 +111,28 @@ struct ConnArgs {
     /// Broker host.
     #[arg(short = 'H', long, default_value = "localhost")]
     host: String,
-    /// Broker port [default: 1883, or 14567 with --quic].
+    /// Broker port [default: 1883, 8883 with --tls, 14567 with --quic].
     #[arg(short = 'p', long)]
     port: Option<u16>,
     /// MQTT over QUIC (UDP, ALPN "mqtt") instead of TCP.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tls")]
     quic: bool,
-    /// QUIC: accept any server certificate (encrypted but not authenticated).
+    /// MQTT over TLS (TCP) instead of plain TCP.
+    #[arg(long)]
+    tls: bool,
+    /// TLS and QUIC: accept any server certificate (encrypted but not authenticated).
     #[arg(long, conflicts_with = "cafile")]
     insecure: bool,
-    /// QUIC: trust the certificates in this PEM file (e.g. the broker's generated
+    /// TLS and QUIC: trust the certificates in this PEM file (e.g. the broker's generated
     /// `mqttd-data/quic-cert.pem`) instead of the system roots.
     #[arg(long)]
     cafile: Option<PathBuf>,
+    /// Username (with `-P`, checked against the broker's password file).
+    #[arg(short = 'u', long, requires = "password")]
+    username: Option<String>,
+    /// Password of `-u`.
+    #[arg(short = 'P', long, requires = "username")]
+    password: Option<String>,
     /// Client identifier [default: generated].
     #[arg(short = 'i', long, default_value = "")]
     id: String,
@@ -124,6 +153,47 @@ fn resolve(cli: &Cli) -> Result<Config, mqttd::config::ConfigError> {
         None => Settings::default(),
     };
     file.overridden_by(cli.settings.clone()).resolve()
+}
+
+/// `mqttd passwd`: edits `file` (created with `create`), replacing it atomically with a file
+/// only its owner can read.
+fn passwd(
+    file: &std::path::Path,
+    username: &str,
+    password: Option<&str>,
+    create: bool,
+) -> Result<(), mqttd::auth::AuthError> {
+    use mqttd::auth::AuthError;
+    let io = |source| AuthError::Io {
+        path: file.to_owned(),
+        source,
+    };
+    if password.is_some_and(str::is_empty) {
+        return Err(AuthError::Invalid("the password is empty".into()));
+    }
+    let old = if create {
+        String::new()
+    } else {
+        std::fs::read_to_string(file).map_err(io)?
+    };
+    // The existing file must be usable before it is rewritten.
+    mqttd::auth::PasswordFile::parse(&old, file)?;
+    let new = mqttd::auth::edit_file(&old, username, password.map(str::as_bytes))?;
+    let tmp = file.with_extension("mqttd-tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    {
+        use std::io::Write;
+        let mut f = options.open(&tmp).map_err(io)?;
+        f.write_all(new.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, file).map_err(io)
 }
 
 fn init_logs(config: &Config) {
@@ -168,8 +238,10 @@ fn client_options(c: &ConnArgs) -> mqttd::client::ClientOptions {
         host: c.host.clone(),
         port: c.port,
         quic: c.quic,
+        tls: c.tls,
         insecure: c.insecure,
         cafile: c.cafile.clone(),
+        credentials: c.username.clone().zip(c.password.clone()),
         client_id: c.id.clone(),
         version: match c.protocol_version {
             MqttVersion::V311 => mqttd_codec::ProtocolVersion::V3_1_1,
@@ -272,6 +344,35 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Pub { .. } | Command::Sub { .. }) = &cli.command {
         return client_command(cli);
+    }
+    if let Some(Command::Passwd {
+        create,
+        delete,
+        batch,
+        file,
+        username,
+        password,
+    }) = &cli.command
+    {
+        let password = if *delete {
+            None
+        } else if *batch {
+            password.clone()
+        } else {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("error: cannot read the password from standard input: {e}");
+                return ExitCode::FAILURE;
+            }
+            Some(line.trim_end_matches(['\n', '\r']).to_owned())
+        };
+        return match passwd(file, username, password.as_deref(), *create) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Settings::load(file).and_then(Settings::resolve) {

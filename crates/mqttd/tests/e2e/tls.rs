@@ -372,3 +372,61 @@ async fn tls_1_3_only_refuses_tls_1_2_clients() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `mqttd pub`/`mqttd sub` over TLS: verified against the generated certificate, `--insecure`
+/// without it, and refused against a CA that did not sign the broker's certificate.
+#[test]
+fn mqttd_pub_and_sub_speak_tls() {
+    let dir = data_dir("cli");
+    let (broker, ca) = start(&dir, &[]);
+    let port = tls_port(&broker).to_string();
+    let ca = ca.to_str().expect("utf-8 path").to_owned();
+    // `mqttd <subcommand> -H 127.0.0.1 -p PORT --tls <rest>`.
+    let mqttd = |subcommand: &str, rest: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqttd"));
+        cmd.args([subcommand, "-H", "127.0.0.1", "-p", &port, "--tls"])
+            .args(rest)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let sub = mqttd(
+        "sub",
+        &["--cafile", &ca, "-t", "cli/#", "-C", "1", "-W", "15", "-v"],
+    )
+    .spawn()
+    .expect("mqttd sub");
+    broker.wait_metric("mqttd_subscriptions", |n| n == 1);
+    let out = mqttd(
+        "pub",
+        &["--cafile", &ca, "-t", "cli/x", "-m", "over tls", "-q", "1"],
+    )
+    .output()
+    .expect("mqttd pub");
+    assert!(out.status.success(), "mqttd pub --tls: {out:?}");
+    let out = sub.wait_with_output().expect("mqttd sub");
+    assert!(out.status.success(), "mqttd sub --tls: {out:?}");
+    assert_eq!(stdout(&out), "cli/x over tls");
+    let out = mqttd("pub", &["--insecure", "-t", "cli/y", "-m", "unverified"])
+        .output()
+        .expect("mqttd pub");
+    assert!(out.status.success(), "mqttd pub --tls --insecure: {out:?}");
+    let (other_ca, _, _) = client_pki(&dir);
+    let other_ca = other_ca.to_str().expect("utf-8 path");
+    let out = mqttd(
+        "pub",
+        &["--cafile", other_ca, "-t", "cli/z", "-m", "refused"],
+    )
+    .output()
+    .expect("mqttd pub");
+    assert!(
+        !out.status.success(),
+        "a certificate of another CA: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS"),
+        "{out:?}"
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -348,24 +348,28 @@ unsafe fn aead_ctx_new(
     if ctx.is_null() {
         return ptr::null_mut();
     }
+    // SAFETY: `aead` holds our handle (caller contract).
+    let cipher = unsafe { aead_of(aead) }.cipher;
+    // SAFETY: plain getter on a static cipher.
+    let default_noncelen = unsafe { ossl::EVP_CIPHER_get_iv_length(cipher) } as usize;
     // SAFETY: ctx is fresh; the cipher is static; key has the right length (caller contract); the
-    // IV length control is valid for every AEAD we use.
+    // IV length control is valid for every AEAD we use. QUIC's nonce is the ciphers' default
+    // length (12 bytes), so cipher and key go in one init call; only another length needs the
+    // cipher set first, then the IV length, then the key.
     let ok = unsafe {
-        ffi::EVP_CipherInit_ex(
-            ctx,
-            aead_of(aead).cipher,
-            ptr::null_mut(),
-            ptr::null(),
-            ptr::null(),
-            enc,
-        ) == 1
-            && ffi::EVP_CIPHER_CTX_ctrl(
-                ctx,
-                ossl::EVP_CTRL_AEAD_SET_IVLEN,
-                noncelen as c_int,
-                ptr::null_mut(),
-            ) == 1
-            && ffi::EVP_CipherInit_ex(ctx, ptr::null(), ptr::null_mut(), key, ptr::null(), enc) == 1
+        if noncelen == default_noncelen {
+            ffi::EVP_CipherInit_ex(ctx, cipher, ptr::null_mut(), key, ptr::null(), enc) == 1
+        } else {
+            ffi::EVP_CipherInit_ex(ctx, cipher, ptr::null_mut(), ptr::null(), ptr::null(), enc) == 1
+                && ffi::EVP_CIPHER_CTX_ctrl(
+                    ctx,
+                    ossl::EVP_CTRL_AEAD_SET_IVLEN,
+                    noncelen as c_int,
+                    ptr::null_mut(),
+                ) == 1
+                && ffi::EVP_CipherInit_ex(ctx, ptr::null(), ptr::null_mut(), key, ptr::null(), enc)
+                    == 1
+        }
     };
     if !ok {
         // SAFETY: ctx was allocated above and is not used afterwards.
@@ -485,7 +489,7 @@ extern "C" fn ngtcp2_crypto_cipher_ctx_free(cipher_ctx: *mut ngtcp2_crypto_ciphe
 }
 
 /// HKDF through `EVP_PKEY_derive`: one algorithm fetch and a fresh context per call. The
-/// fallback when [`hkdf_dup`] cannot set up its templates.
+/// fallback when [`hkdf_hmac`] cannot set up its HMAC context.
 fn hkdf_pkey(
     mode: HkdfMode,
     md: &MdRef,
@@ -512,39 +516,42 @@ fn hkdf_pkey(
     Ok(())
 }
 
-/// The HKDF algorithm, fetched once per process (null if the provider lacks it).
-fn hkdf_kdf() -> *mut ffi::EVP_KDF {
-    static KDF: OnceLock<usize> = OnceLock::new();
-    *KDF.get_or_init(|| {
+/// OpenSSL's HMAC, fetched once per process (null if the provider lacks it).
+fn hmac_mac() -> *mut ffi::EVP_MAC {
+    static MAC: OnceLock<usize> = OnceLock::new();
+    *MAC.get_or_init(|| {
         // SAFETY: NUL-terminated name; null library context and properties mean the defaults.
-        unsafe { ffi::EVP_KDF_fetch(ptr::null_mut(), c"HKDF".as_ptr(), ptr::null()) as usize }
-    }) as *mut ffi::EVP_KDF
+        unsafe { ffi::EVP_MAC_fetch(ptr::null_mut(), c"HMAC".as_ptr(), ptr::null()) as usize }
+    }) as *mut ffi::EVP_MAC
 }
 
-/// HKDF contexts with digest and mode already set, one per (digest, mode) used on this thread.
-/// A derivation duplicates one: no algorithm fetch and no digest-name lookup per call, which
-/// `EVP_PKEY_derive` pays (ngtcp2 derives ~40 keys, IVs and HP keys per connection and side).
-/// Per thread because OpenSSL does not document concurrent duplication of a shared context.
-struct HkdfTemplates(Vec<(*const ffi::EVP_MD, c_int, *mut ffi::EVP_KDF_CTX)>);
+/// HMAC contexts with their digest already set (fetched once), one per digest used on this
+/// thread, re-keyed for every HMAC. HKDF is two or three HMACs for the short outputs QUIC
+/// needs; running them on a reused context costs no fetch, no parameter parsing and no context
+/// allocation per derivation, which OpenSSL's HKDF (`EVP_KDF` or `EVP_PKEY_derive`) pays on
+/// every call (its extract step even fetches HMAC and the digest by name each time). ngtcp2
+/// derives ~30 keys, IVs, HP keys and stateless-reset tokens per connection and side.
+/// Per thread because an `EVP_MAC_CTX` is mutable state.
+struct HmacCtxs(Vec<(*const ffi::EVP_MD, *mut ffi::EVP_MAC_CTX)>);
 
-impl Drop for HkdfTemplates {
+impl Drop for HmacCtxs {
     fn drop(&mut self) {
-        for &(_, _, ctx) in &self.0 {
-            // SAFETY: made by EVP_KDF_CTX_new below, owned here, freed once.
-            unsafe { ffi::EVP_KDF_CTX_free(ctx) };
+        for &(_, ctx) in &self.0 {
+            // SAFETY: made by EVP_MAC_CTX_new below, owned here, freed once.
+            unsafe { ffi::EVP_MAC_CTX_free(ctx) };
         }
     }
 }
 
 thread_local! {
-    static HKDF_TEMPLATES: std::cell::RefCell<HkdfTemplates> =
-        const { std::cell::RefCell::new(HkdfTemplates(Vec::new())) };
+    static HMAC_CTXS: std::cell::RefCell<HmacCtxs> =
+        const { std::cell::RefCell::new(HmacCtxs(Vec::new())) };
 }
 
-/// A new template for `md` and `mode`, or null.
-fn hkdf_template(md: &MdRef, mode: c_int) -> *mut ffi::EVP_KDF_CTX {
-    let kdf = hkdf_kdf();
-    if kdf.is_null() {
+/// A new HMAC context for `md`, or null.
+fn hmac_ctx_new(md: &MdRef) -> *mut ffi::EVP_MAC_CTX {
+    let mac = hmac_mac();
+    if mac.is_null() {
         return ptr::null_mut();
     }
     // SAFETY: md is a live static digest; the name is static and NUL-terminated.
@@ -552,41 +559,60 @@ fn hkdf_template(md: &MdRef, mode: c_int) -> *mut ffi::EVP_KDF_CTX {
     if name.is_null() {
         return ptr::null_mut();
     }
-    // SAFETY: kdf is a fetched algorithm that lives for the process.
-    let ctx = unsafe { ffi::EVP_KDF_CTX_new(kdf) };
+    // SAFETY: mac is a fetched algorithm that lives for the process.
+    let ctx = unsafe { ffi::EVP_MAC_CTX_new(mac) };
     if ctx.is_null() {
         return ptr::null_mut();
     }
-    let mut mode = mode;
     // SAFETY: `name` is NUL-terminated; OpenSSL copies what it keeps.
     let name_len = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes().len();
     let params = [
         ossl::param(
-            ossl::OSSL_KDF_PARAM_MODE,
-            ossl::OSSL_PARAM_INTEGER,
-            (&mut mode as *mut c_int).cast(),
-            size_of::<c_int>(),
-        ),
-        ossl::param(
-            ossl::OSSL_KDF_PARAM_DIGEST,
+            ossl::OSSL_MAC_PARAM_DIGEST,
             ossl::OSSL_PARAM_UTF8_STRING,
             name as *mut c_void,
             name_len,
         ),
         ossl::param_end(),
     ];
-    // SAFETY: live context; the parameters point at live locals for the duration of the call.
-    if unsafe { ossl::EVP_KDF_CTX_set_params(ctx, params.as_ptr()) } != 1 {
+    // SAFETY: live context; the parameters point at live data for the duration of the call.
+    if unsafe { ffi::EVP_MAC_CTX_set_params(ctx, params.as_ptr()) } != 1 {
         // SAFETY: allocated above, unused afterwards.
-        unsafe { ffi::EVP_KDF_CTX_free(ctx) };
+        unsafe { ffi::EVP_MAC_CTX_free(ctx) };
         return ptr::null_mut();
     }
     ctx
 }
 
-/// HKDF by duplicating this thread's template for (`md`, `mode`); `None` if no template could
-/// be made (the caller falls back to [`hkdf_pkey`]).
-fn hkdf_dup(
+/// HMAC(`key`, concatenation of `parts`) into `out`, whose length must be the digest size.
+///
+/// # Safety
+/// `ctx` is a live HMAC context owned by the caller's thread.
+unsafe fn hmac(ctx: *mut ffi::EVP_MAC_CTX, key: &[u8], parts: &[&[u8]], out: &mut [u8]) -> bool {
+    // A zero-length key must still be a valid pointer: a null key would keep the previous one.
+    static EMPTY: u8 = 0;
+    let key_ptr = if key.is_empty() {
+        &EMPTY as *const u8
+    } else {
+        key.as_ptr()
+    };
+    let mut written = 0;
+    // SAFETY: ctx is live (caller); every pointer covers its length for the duration of the call.
+    unsafe {
+        ffi::EVP_MAC_init(ctx, key_ptr, key.len(), ptr::null()) == 1
+            && parts
+                .iter()
+                .all(|p| p.is_empty() || ffi::EVP_MAC_update(ctx, p.as_ptr(), p.len()) == 1)
+            && ffi::EVP_MAC_final(ctx, out.as_mut_ptr(), &mut written, out.len()) == 1
+            && written == out.len()
+    }
+}
+
+/// HKDF (RFC 5869) in `mode` (an `EVP_KDF_HKDF_MODE_*` value) on this thread's HMAC context for
+/// `md`; `None` if no context could be made (the caller falls back to [`hkdf_pkey`]).
+/// Extract-only writes the PRK, so `dest` must be the digest size; an absent salt is the empty
+/// one, which HMAC pads to the same key as RFC 5869's string of zeros.
+fn hkdf_hmac(
     mode: c_int,
     md: &MdRef,
     dest: &mut [u8],
@@ -595,62 +621,76 @@ fn hkdf_dup(
     info: &[u8],
 ) -> Option<bool> {
     let md_ptr = md.as_ptr() as *const ffi::EVP_MD;
-    let ctx = HKDF_TEMPLATES
+    HMAC_CTXS
         .try_with(|cell| {
-            let mut templates = cell.try_borrow_mut().ok()?;
-            let template = match templates.0.iter().find(|t| t.0 == md_ptr && t.1 == mode) {
-                Some(t) => t.2,
+            let mut ctxs = cell.try_borrow_mut().ok()?;
+            let ctx = match ctxs.0.iter().find(|c| c.0 == md_ptr) {
+                Some(c) => c.1,
                 None => {
-                    let t = hkdf_template(md, mode);
-                    if t.is_null() {
+                    let c = hmac_ctx_new(md);
+                    if c.is_null() {
                         return None;
                     }
-                    templates.0.push((md_ptr, mode, t));
-                    t
+                    ctxs.0.push((md_ptr, c));
+                    c
                 }
             };
-            // SAFETY: the template is live (owned by this thread's table) and only read.
-            let ctx = unsafe { ossl::EVP_KDF_CTX_dup(template) };
-            (!ctx.is_null()).then_some(ctx)
+            let hash_len = md.size();
+            // Block of the largest digest we use (SHA-384); anything larger takes the fallback.
+            let mut prk = [0u8; 64];
+            let mut block = [0u8; 64];
+            let mut next = [0u8; 64];
+            if hash_len > prk.len() {
+                return None;
+            }
+            // SAFETY: ctx belongs to this thread's table, which stays borrowed for the whole
+            // derivation; the buffers are local.
+            let ok = unsafe {
+                match mode {
+                    ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY => {
+                        dest.len() == hash_len && hmac(ctx, salt.unwrap_or(&[]), &[key], dest)
+                    }
+                    _ => {
+                        let prk: &[u8] = if mode == ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY {
+                            key
+                        } else if hmac(ctx, salt.unwrap_or(&[]), &[key], &mut prk[..hash_len]) {
+                            &prk[..hash_len]
+                        } else {
+                            return Some(false);
+                        };
+                        // T(i) = HMAC(PRK, T(i-1) | info | i), at most 255 blocks.
+                        let mut ok = dest.len() <= 255 * hash_len;
+                        let mut prev_len = 0;
+                        for (i, out) in dest.chunks_mut(hash_len).enumerate() {
+                            let counter = [(i + 1) as u8];
+                            ok = ok
+                                && hmac(
+                                    ctx,
+                                    prk,
+                                    &[&block[..prev_len], info, &counter],
+                                    &mut next[..hash_len],
+                                );
+                            if !ok {
+                                break;
+                            }
+                            block[..hash_len].copy_from_slice(&next[..hash_len]);
+                            out.copy_from_slice(&block[..out.len()]);
+                            prev_len = hash_len;
+                        }
+                        ok
+                    }
+                }
+            };
+            // SAFETY: local buffers of the given lengths.
+            unsafe {
+                ossl::OPENSSL_cleanse(prk.as_mut_ptr().cast(), prk.len());
+                ossl::OPENSSL_cleanse(block.as_mut_ptr().cast(), block.len());
+                ossl::OPENSSL_cleanse(next.as_mut_ptr().cast(), next.len());
+            }
+            Some(ok)
         })
         .ok()
-        .flatten()?;
-    // Empty inputs still need a valid pointer.
-    static EMPTY: u8 = 0;
-    let octets = |key: &'static std::ffi::CStr, data: &[u8]| {
-        let ptr = if data.is_empty() {
-            &EMPTY as *const u8
-        } else {
-            data.as_ptr()
-        };
-        ossl::param(
-            key,
-            ossl::OSSL_PARAM_OCTET_STRING,
-            ptr as *mut c_void,
-            data.len(),
-        )
-    };
-    let mut params = [
-        octets(ossl::OSSL_KDF_PARAM_KEY, key),
-        ossl::param_end(),
-        ossl::param_end(),
-        ossl::param_end(),
-    ];
-    let mut n = 1;
-    if let Some(salt) = salt {
-        params[n] = octets(ossl::OSSL_KDF_PARAM_SALT, salt);
-        n += 1;
-    }
-    if !info.is_empty() {
-        params[n] = octets(ossl::OSSL_KDF_PARAM_INFO, info);
-    }
-    // SAFETY: ctx is our fresh duplicate; dest is writable for its length; the parameters point
-    // at live slices for the duration of the call (OpenSSL copies them, and only reads them).
-    let ok =
-        unsafe { ffi::EVP_KDF_derive(ctx, dest.as_mut_ptr(), dest.len(), params.as_ptr()) } == 1;
-    // SAFETY: the duplicate is ours and unused afterwards.
-    unsafe { ffi::EVP_KDF_CTX_free(ctx) };
-    Some(ok)
+        .flatten()
 }
 
 /// HKDF in `mode` (an `EVP_KDF_HKDF_MODE_*` value).
@@ -662,7 +702,7 @@ fn hkdf(
     salt: Option<&[u8]>,
     info: &[u8],
 ) -> Result<(), openssl::error::ErrorStack> {
-    match hkdf_dup(mode, md, dest, key, salt, info) {
+    match hkdf_hmac(mode, md, dest, key, salt, info) {
         Some(true) => Ok(()),
         Some(false) => Err(openssl::error::ErrorStack::get()),
         None => {
@@ -1002,10 +1042,11 @@ extern "C" fn ngtcp2_crypto_set_remote_transport_params(
 mod tests {
     use super::*;
 
-    /// The per-thread template path gives the same bytes as OpenSSL's EVP_PKEY HKDF, for every
-    /// mode and digest, with and without salt and info (and it is the path actually taken).
+    /// The per-thread HMAC path gives the same bytes as OpenSSL's EVP_PKEY HKDF, for every
+    /// mode and digest, with and without salt and info, for one- and multi-block outputs (and it
+    /// is the path actually taken).
     #[test]
-    fn hkdf_templates_match_the_evp_pkey_path() {
+    fn hkdf_over_hmac_matches_the_evp_pkey_path() {
         let algs = algorithms();
         let key: Vec<u8> = (0..48u8).map(|i| i.wrapping_mul(37)).collect();
         let salt = [0x5au8; 20];
@@ -1027,26 +1068,71 @@ mod tests {
                     (Some(&[][..]), &[][..]),
                     (None, &info[..]),
                 ] {
-                    let len = if raw == ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY {
-                        md.size()
+                    let lens: &[usize] = if raw == ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY {
+                        &[md.size()]
                     } else {
-                        42
+                        &[12, 16, 32, 42, 48, 100]
                     };
-                    let (mut fast, mut slow) = (vec![0u8; len], vec![0u8; len]);
-                    let salt_for_extract = match (raw, salt) {
-                        (ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY, _) => None,
-                        (_, s) => s,
-                    };
-                    assert_eq!(
-                        hkdf_dup(raw, md, &mut fast, &key, salt_for_extract, info),
-                        Some(true),
-                        "template path taken and succeeded"
-                    );
-                    hkdf_pkey(pkey_mode(raw), md, &mut slow, &key, salt_for_extract, info).unwrap();
-                    assert_eq!(fast, slow, "mode {raw}, {} salt/info", len);
-                    assert_ne!(fast, vec![0u8; len]);
+                    for &len in lens {
+                        let (mut fast, mut slow) = (vec![0u8; len], vec![0u8; len]);
+                        let salt_for_extract = match (raw, salt) {
+                            (ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY, _) => None,
+                            (_, s) => s,
+                        };
+                        assert_eq!(
+                            hkdf_hmac(raw, md, &mut fast, &key, salt_for_extract, info),
+                            Some(true),
+                            "HMAC path taken and succeeded"
+                        );
+                        hkdf_pkey(pkey_mode(raw), md, &mut slow, &key, salt_for_extract, info)
+                            .unwrap();
+                        assert_eq!(fast, slow, "mode {raw}, {} salt/info", len);
+                        assert_ne!(fast, vec![0u8; len]);
+                    }
                 }
             }
         }
+    }
+
+    /// RFC 5869 Appendix A.1 (SHA-256) through the HMAC path: PRK and OKM byte for byte.
+    #[test]
+    fn hkdf_over_hmac_gives_the_rfc_5869_vectors() {
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let sha256 = algorithms().sha256;
+        let ikm = [0x0bu8; 22];
+        let salt: Vec<u8> = (0..=0x0cu8).collect();
+        let info: Vec<u8> = (0xf0..=0xf9u8).collect();
+        let mut prk = [0u8; 32];
+        let extract = ossl::EVP_KDF_HKDF_MODE_EXTRACT_ONLY;
+        assert_eq!(
+            hkdf_hmac(extract, sha256, &mut prk, &ikm, Some(&salt), &[]),
+            Some(true)
+        );
+        assert_eq!(
+            prk.to_vec(),
+            hex("077709362c2e32df0ddc3f0dc47bba6390b6c73bb50f9c3122ec844ad7c2b3e5")
+        );
+        let okm = hex(
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865",
+        );
+        let mut out = [0u8; 42];
+        let expand = ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY;
+        assert_eq!(
+            hkdf_hmac(expand, sha256, &mut out, &prk, None, &info),
+            Some(true)
+        );
+        assert_eq!(out.to_vec(), okm);
+        let mut out = [0u8; 42];
+        let both = ossl::EVP_KDF_HKDF_MODE_EXTRACT_AND_EXPAND;
+        assert_eq!(
+            hkdf_hmac(both, sha256, &mut out, &ikm, Some(&salt), &info),
+            Some(true)
+        );
+        assert_eq!(out.to_vec(), okm);
     }
 }

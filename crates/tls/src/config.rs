@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use openssl::ex_data::Index;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
-    AlpnError, Ssl, SslContext, SslContextBuilder, SslMethod, SslRef, SslSession,
+    AlpnError, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslRef, SslSession,
     SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use openssl::x509::X509;
@@ -374,6 +374,10 @@ impl ServerConfigBuilder {
         };
         b.set_private_key(&key).map_err(|_| mismatch())?;
         b.check_private_key().map_err(|_| mismatch())?;
+        // Send exactly the configured chain. Without this, a chain of only the leaf makes
+        // OpenSSL try to complete it on every handshake (an X509_verify_cert over the context's
+        // certificate store, which a server context here never fills, so it finds nothing).
+        b.set_mode(SslMode::NO_AUTO_CHAIN);
         b.set_session_id_context(b"mqttd")?;
 
         let alpn = self.alpn.clone();

@@ -3,7 +3,7 @@
 
 use std::ffi::{c_int, c_uchar, c_void};
 
-use openssl_sys::{EVP_CIPHER, EVP_CIPHER_CTX, EVP_KDF_CTX, EVP_MD, OSSL_PARAM, SSL};
+use openssl_sys::{EVP_CIPHER, EVP_CIPHER_CTX, EVP_MD, OSSL_PARAM, SSL};
 
 /// `OSSL_DISPATCH` (`core.h`): one function table entry.
 #[repr(C)]
@@ -36,17 +36,13 @@ pub const EVP_CTRL_AEAD_SET_IVLEN: c_int = 0x9;
 
 // `core.h` / `params.h` / `core_names.h`: an octet-string parameter, the "not yet written"
 // marker of `return_size`, and the AEAD tag parameter's name.
-pub const OSSL_PARAM_INTEGER: u32 = 1;
 pub const OSSL_PARAM_UTF8_STRING: u32 = 4;
 pub const OSSL_PARAM_OCTET_STRING: u32 = 5;
 pub const OSSL_PARAM_UNMODIFIED: usize = usize::MAX;
 pub const OSSL_CIPHER_PARAM_AEAD_TAG: &std::ffi::CStr = c"tag";
-// `core_names.h` / `kdf.h`: HKDF parameters and modes.
-pub const OSSL_KDF_PARAM_MODE: &std::ffi::CStr = c"mode";
-pub const OSSL_KDF_PARAM_DIGEST: &std::ffi::CStr = c"digest";
-pub const OSSL_KDF_PARAM_KEY: &std::ffi::CStr = c"key";
-pub const OSSL_KDF_PARAM_SALT: &std::ffi::CStr = c"salt";
-pub const OSSL_KDF_PARAM_INFO: &std::ffi::CStr = c"info";
+// `core_names.h`: the digest of an HMAC context.
+pub const OSSL_MAC_PARAM_DIGEST: &std::ffi::CStr = c"digest";
+// `kdf.h`: HKDF modes.
 pub const EVP_KDF_HKDF_MODE_EXTRACT_AND_EXPAND: c_int = 0;
 pub const EVP_KDF_HKDF_MODE_EXTRACT_ONLY: c_int = 1;
 pub const EVP_KDF_HKDF_MODE_EXPAND_ONLY: c_int = 2;
@@ -80,9 +76,8 @@ unsafe extern "C" {
     pub fn SSL_get0_group_name(s: *mut SSL) -> *const std::ffi::c_char;
     pub fn SSL_group_to_name(s: *mut SSL, id: c_int) -> *const std::ffi::c_char;
     pub fn EVP_CIPHER_CTX_get_params(ctx: *mut EVP_CIPHER_CTX, params: *mut OSSL_PARAM) -> c_int;
-    pub fn EVP_KDF_CTX_dup(src: *const EVP_KDF_CTX) -> *mut EVP_KDF_CTX;
-    pub fn EVP_KDF_CTX_set_params(ctx: *mut EVP_KDF_CTX, params: *const OSSL_PARAM) -> c_int;
     pub fn EVP_MD_get0_name(md: *const EVP_MD) -> *const std::ffi::c_char;
+    pub fn OPENSSL_cleanse(ptr: *mut c_void, len: usize);
 }
 
 /// An `OSSL_PARAM` of `data_type` over `(data, len)`, as the `OSSL_PARAM_construct_*` helpers

@@ -1,7 +1,9 @@
 //! Bulk throughput, handshakes per second and memory per idle connection on loopback: ours
 //! against quinn 0.11 in the same run. `cargo bench -p mqttd-quic --bench quic`
 //! (environment: `QUIC_BENCH_MB` transfer size, `QUIC_BENCH_HANDSHAKES`, `QUIC_BENCH_IDLE`,
-//! `QUIC_BENCH_REPS` repetitions; each repetition alternates the stacks, figures are medians).
+//! `QUIC_BENCH_REPS` repetitions; each repetition alternates the stacks, figures are medians;
+//! `QUIC_BENCH_ONLY` a comma-separated subset of `bulk,handshakes,memory`;
+//! `QUIC_BENCH_STACKS` a subset of `ours,quinn`, to profile one side alone).
 //!
 //! Key exchange: quinn here runs rustls with the `ring` provider, which offers X25519 (then the
 //! NIST curves) and no post-quantum group. OpenSSL 3.5's default prefers the hybrid
@@ -378,6 +380,12 @@ async fn quinn_idle_memory(pki: &Pki, n: usize) -> usize {
     after.saturating_sub(before) / n / 2
 }
 
+/// Whether `item` is selected by the comma-separated list in environment variable `name`
+/// (unset: everything is).
+fn selected(name: &str, item: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v.split(',').any(|s| s.trim() == item))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -395,35 +403,62 @@ fn main() {
         .build()
         .expect("runtime");
     let reps = env("QUIC_BENCH_REPS", if quick { 1 } else { 3 }).max(1);
+    let (ours, quinn) = (
+        selected("QUIC_BENCH_STACKS", "ours"),
+        selected("QUIC_BENCH_STACKS", "quinn"),
+    );
     rt.block_on(async {
         let pki = Pki::new();
         let bytes = mb << 20;
-        // Alternate the stacks in every repetition to share machine noise fairly; medians.
-        let (mut ours_t, mut quinn_t) = (Vec::new(), Vec::new());
-        for _ in 0..reps {
-            ours_t.push(ours_throughput(&pki, bytes).await);
-            quinn_t.push(quinn_throughput(&pki, bytes).await);
-        }
         let wall = |v: &[Rate]| median(v.iter().map(|r| r.wall).collect());
         let cpu = |v: &[Rate]| median(v.iter().map(|r| r.cpu).collect());
-        let (ow, qw, oc, qc) = (wall(&ours_t), wall(&quinn_t), cpu(&ours_t), cpu(&quinn_t));
-        println!("bulk transfer ({mb} MiB, one stream, median of {reps}): ours {ow:.0} MiB/s, quinn {qw:.0} MiB/s, ratio {:.2}; MiB per CPU-second: ours {oc:.0}, quinn {qc:.0}, ratio {:.2}", ow / qw, oc / qc);
-        let (mut ours_x, mut ours_d, mut quinn_h) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps {
-            ours_x.push(ours_handshakes(&pki, hs, Groups::X25519).await);
-            quinn_h.push(quinn_handshakes(&pki, hs).await);
-            ours_d.push(ours_handshakes(&pki, hs, Groups::Default).await);
+        // Alternate the stacks in every repetition to share machine noise fairly; medians.
+        if selected("QUIC_BENCH_ONLY", "bulk") {
+            let (mut ours_t, mut quinn_t) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                if ours {
+                    ours_t.push(ours_throughput(&pki, bytes).await);
+                }
+                if quinn {
+                    quinn_t.push(quinn_throughput(&pki, bytes).await);
+                }
+            }
+            if ours && quinn {
+                let (ow, qw, oc, qc) = (wall(&ours_t), wall(&quinn_t), cpu(&ours_t), cpu(&quinn_t));
+                println!("bulk transfer ({mb} MiB, one stream, median of {reps}): ours {ow:.0} MiB/s, quinn {qw:.0} MiB/s, ratio {:.2}; MiB per CPU-second: ours {oc:.0}, quinn {qc:.0}, ratio {:.2}", ow / qw, oc / qc);
+            }
         }
-        let (qw, qc) = (wall(&quinn_h), cpu(&quinn_h));
-        for (label, ours) in [
-            ("X25519 on both stacks", &ours_x),
-            ("ours with OpenSSL's default X25519MLKEM768 vs quinn's X25519", &ours_d),
-        ] {
-            let (ow, oc) = (wall(ours), cpu(ours));
-            println!("handshakes ({hs}, {PARALLEL} in parallel, median of {reps}), {label}: ours {ow:.0}/s, quinn {qw:.0}/s, ratio {:.2}; per CPU-second: ours {oc:.0}, quinn {qc:.0}, ratio {:.2}", ow / qw, oc / qc);
+        if selected("QUIC_BENCH_ONLY", "handshakes") {
+            let (mut ours_x, mut ours_d, mut quinn_h) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..reps {
+                if ours {
+                    ours_x.push(ours_handshakes(&pki, hs, Groups::X25519).await);
+                }
+                if quinn {
+                    quinn_h.push(quinn_handshakes(&pki, hs).await);
+                }
+                if ours && quinn {
+                    ours_d.push(ours_handshakes(&pki, hs, Groups::Default).await);
+                }
+            }
+            if ours && quinn {
+                let (qw, qc) = (wall(&quinn_h), cpu(&quinn_h));
+                for (label, ours) in [
+                    ("X25519 on both stacks", &ours_x),
+                    ("ours with OpenSSL's default X25519MLKEM768 vs quinn's X25519", &ours_d),
+                ] {
+                    let (ow, oc) = (wall(ours), cpu(ours));
+                    println!("handshakes ({hs}, {PARALLEL} in parallel, median of {reps}), {label}: ours {ow:.0}/s, quinn {qw:.0}/s, ratio {:.2}; per CPU-second: ours {oc:.0}, quinn {qc:.0}, ratio {:.2}", ow / qw, oc / qc);
+                }
+            } else {
+                let (label, v) = if ours { ("ours, X25519", &ours_x) } else { ("quinn", &quinn_h) };
+                println!("handshakes ({hs}, {PARALLEL} in parallel, median of {reps}), {label}: {:.0}/s, {:.0} per CPU-second", wall(v), cpu(v));
+            }
         }
-        let ours_m = ours_idle_memory(&pki, idle).await;
-        let quinn_m = quinn_idle_memory(&pki, idle).await;
-        println!("memory per idle established connection (RSS delta over {idle}, per end): ours {} KiB, quinn {} KiB", ours_m / 1024, quinn_m / 1024);
+        if selected("QUIC_BENCH_ONLY", "memory") && ours && quinn {
+            let ours_m = ours_idle_memory(&pki, idle).await;
+            let quinn_m = quinn_idle_memory(&pki, idle).await;
+            println!("memory per idle established connection (RSS delta over {idle}, per end): ours {} KiB, quinn {} KiB", ours_m / 1024, quinn_m / 1024);
+        }
     });
 }

@@ -1,7 +1,9 @@
 //! SIGKILL the broker at seeded random moments while a rumqttc client publishes QoS 1, QoS 2 and
-//! retained messages to offline persistent subscribers; restart on the same data directory each
-//! time; at the end every acknowledged message must be delivered (QoS 2 exactly once) with
-//! Session Present, and every acknowledged retained message must still be retained.
+//! retained messages to offline persistent subscribers and QoS 1 messages to an online one
+//! alone (whose acknowledgement may release the PUBACK before any commit); restart on the same
+//! data directory each time; at the end every acknowledged message must be delivered (QoS 2
+//! exactly once) with Session Present, and every acknowledged retained message must still be
+//! retained.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -37,6 +39,8 @@ impl Rng {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
     Q1,
+    /// QoS 1 to `crash/on`, which only the online persistent subscriber has.
+    Q1Online,
     Q2,
     Retained,
 }
@@ -48,7 +52,10 @@ struct Acked {
     q1: HashSet<String>,
     q2: HashSet<String>,
     retained: HashMap<String, String>,
-    /// What the online persistent subscriber of `crash/q1` received during the rounds.
+    /// QoS 1 to `crash/on` (only the online subscriber holds them).
+    q1_online: HashSet<String>,
+    /// What the online persistent subscriber of `crash/q1` and `crash/on` received during the
+    /// rounds.
     online: HashSet<String>,
 }
 
@@ -120,12 +127,17 @@ async fn publish_until_killed(broker: Broker, round: u64, kill_after: Duration, 
             let batch = [
                 (Kind::Q1, "crash/q1".to_owned(), format!("q1-{round}-{i}")),
                 (Kind::Q2, "crash/q2".to_owned(), format!("q2-{round}-{i}")),
+                (
+                    Kind::Q1Online,
+                    "crash/on".to_owned(),
+                    format!("on-{round}-{i}"),
+                ),
             ];
             for (kind, topic, payload) in batch {
-                let qos = if kind == Kind::Q1 {
-                    QoS::AtLeastOnce
-                } else {
+                let qos = if kind == Kind::Q2 {
                     QoS::ExactlyOnce
+                } else {
+                    QoS::AtLeastOnce
                 };
                 // Recorded before the request: the event loop sends in request order.
                 queue
@@ -180,6 +192,9 @@ async fn publish_until_killed(broker: Broker, round: u64, kill_after: Duration, 
                     match kind {
                         Kind::Q1 => {
                             acked.q1.insert(payload);
+                        }
+                        Kind::Q1Online => {
+                            acked.q1_online.insert(payload);
                         }
                         Kind::Retained => {
                             acked.retained.insert(topic, payload);
@@ -295,6 +310,7 @@ async fn acknowledged_messages_survive_sigkill() {
     subscribe_and_leave(b.addr, "sub-q1", "crash/q1", QoS::AtLeastOnce).await;
     subscribe_and_leave(b.addr, "sub-q2", "crash/q2", QoS::ExactlyOnce).await;
     subscribe_and_leave(b.addr, "sub-on", "crash/q1", QoS::AtLeastOnce).await;
+    subscribe_and_leave(b.addr, "sub-on", "crash/on", QoS::AtLeastOnce).await;
     b.kill();
     let mut kills = 1;
 
@@ -306,15 +322,20 @@ async fn acknowledged_messages_survive_sigkill() {
         kills += 1;
     }
     eprintln!(
-        "{kills} kills in {:?}; acknowledged: {} QoS 1, {} QoS 2, {} retained",
+        "{kills} kills in {:?}; acknowledged: {} QoS 1, {} QoS 1 to the online subscriber \
+         alone, {} QoS 2, {} retained",
         started.elapsed(),
         acked.q1.len(),
+        acked.q1_online.len(),
         acked.q2.len(),
         acked.retained.len()
     );
     assert!(kills >= 20);
     assert!(
-        !acked.q1.is_empty() && !acked.q2.is_empty() && !acked.retained.is_empty(),
+        !acked.q1.is_empty()
+            && !acked.q1_online.is_empty()
+            && !acked.q2.is_empty()
+            && !acked.retained.is_empty(),
         "the rounds acknowledged nothing: the test would prove nothing"
     );
 
@@ -322,11 +343,11 @@ async fn acknowledged_messages_survive_sigkill() {
     let q1 = drain(b.addr, "sub-q1", &acked.q1).await;
     let q2 = drain(b.addr, "sub-q2", &acked.q2).await;
     let kept = retained(b.addr).await;
-    let missing_online: HashSet<String> = acked.q1.difference(&acked.online).cloned().collect();
+    let for_online: HashSet<String> = acked.q1.union(&acked.q1_online).cloned().collect();
+    let missing_online: HashSet<String> = for_online.difference(&acked.online).cloned().collect();
     let online_rest = drain(b.addr, "sub-on", &missing_online).await;
     let online_all: HashSet<&String> = acked.online.iter().chain(online_rest.iter()).collect();
-    let lost_online: Vec<&String> = acked
-        .q1
+    let lost_online: Vec<&String> = for_online
         .iter()
         .filter(|m| !online_all.contains(m))
         .collect();

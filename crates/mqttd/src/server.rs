@@ -3,7 +3,11 @@
 //!
 //! Shape (mini-redis's `server.rs`/`shutdown.rs`, quinn's driver):
 //! - The listener accepts while a connection permit is free (`max_connections`); over the limit
-//!   a connection is closed at once and counted.
+//!   a connection is closed at once and counted. A TCP connection is read once right at
+//!   accept: when its whole CONNECT is there (a client that sends it at once), the CONNECT goes
+//!   to the core from the accept loop and the connection's task usually finds its CONNACK
+//!   queued on its first run, which writes it straight to the fresh socket (no wait for epoll
+//!   to report it writable). Otherwise the task reads the CONNECT as any stream's would.
 //! - A connection is any byte stream plus a peer address ([`serve_connection`] is generic over
 //!   `AsyncRead + AsyncWrite`), served by ONE task: it decodes packets and sends them to the
 //!   core over the bounded event channel (so a fast publisher is slowed by TCP back-pressure,
@@ -275,27 +279,214 @@ async fn accept_loop(listener: TcpListener, ctx: ConnContext, mut shutdown: watc
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
+        match accepted {
+            Ok((stream, peer)) => {
+                accept_one(stream, peer, &ctx);
+            }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let Some(admission) = ctx.admit() else {
-            tracing::warn!(%peer, max_connections = ctx.limits.max_connections, "connection refused: limit reached");
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, peer, admission.conn, ctx).await;
-            drop(admission);
-        });
+        }
     }
+}
+
+/// What a new connection had sent by the time it was accepted.
+enum Early {
+    /// A whole CONNECT (boxed as the core's event carries it).
+    Connect(Box<Connect>),
+    /// Nothing yet, or part of a CONNECT (in the buffer).
+    Partial,
+    /// Bytes that are not a valid CONNECT: answered and closed by the connection task.
+    Bad(DecodeError),
+    /// The peer closed already.
+    Closed,
+}
+
+/// Reads once, without waiting, what a just-accepted connection sent: on loopback and busy
+/// links its CONNECT is usually there already. Decoded here, it goes to the core before the
+/// connection's task first runs, and the task usually finds its CONNACK queued on that first
+/// run: one poll of one task per connect instead of three, no handshake timer, no wait for the
+/// runtime to report the socket readable.
+fn read_now(
+    stream: &tokio::net::TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+    metrics: &Metrics,
+) -> Early {
+    use std::io::Read;
+    let mut chunk = [0u8; READ_MIN];
+    // Straight on the socket: the runtime has not polled it yet, so its own read would not
+    // even try. The runtime reports readiness as epoll finds it when asked, after this read,
+    // so no stale "readable" comes of it.
+    match (&*socket2::SockRef::from(stream)).read(&mut chunk) {
+        Ok(0) => return Early::Closed,
+        Ok(n) => {
+            Metrics::add(&metrics.bytes_received, n as u64);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Early::Partial,
+        Err(_) => return Early::Closed,
+    }
+    match decode_connect(buf, max) {
+        Ok(Some(c)) => Early::Connect(Box::new(c)),
+        Ok(None) => Early::Partial,
+        Err(e) => Early::Bad(e),
+    }
+}
+
+/// Admits one accepted TCP connection and starts its task; true if its whole CONNECT had
+/// arrived and went to the core at once.
+fn accept_one(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: &ConnContext) -> bool {
+    let Some(admission) = ctx.admit() else {
+        tracing::warn!(%peer, max_connections = ctx.limits.max_connections, "connection refused: limit reached");
+        return false;
+    };
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::new();
+    let early = read_now(
+        &stream,
+        &mut buf,
+        ctx.limits.max_packet_size as usize,
+        &ctx.metrics,
+    );
+    if matches!(early, Early::Closed) {
+        return false;
+    }
+    let conn = admission.conn;
+    let start = match early {
+        Early::Connect(connect) => {
+            let version = connect.protocol_version;
+            let queue = ConnQueue::new(queue_capacity(&ctx.limits));
+            let out = queue.0.clone();
+            let event = Event::Connect {
+                conn,
+                peer,
+                connect,
+                queue,
+            };
+            let pending = match ctx.events.try_send(event) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(ev)) => Some(Box::new(ev)),
+            };
+            Start::Connected {
+                out,
+                version,
+                pending,
+            }
+        }
+        Early::Bad(e) => Start::Handshake(Some(e)),
+        Early::Partial | Early::Closed => Start::Handshake(None),
+    };
+    let early = matches!(start, Start::Connected { .. });
+    tokio::spawn(serve_tcp(stream, buf, start, peer, ctx.clone(), admission));
+    early
+}
+
+/// Where a TCP connection's task starts.
+enum Start {
+    /// Its CONNECT went to the core (or waits in `pending` for room in the channel).
+    Connected {
+        out: Arc<Outq>,
+        version: ProtocolVersion,
+        pending: Option<Box<Event>>,
+    },
+    /// The handshake is still to do; `Some`: the bytes read were not a valid CONNECT.
+    Handshake(Option<DecodeError>),
+}
+
+/// Serves one accepted TCP connection until it ends (its halves borrowed, not shared).
+async fn serve_tcp(
+    mut stream: tokio::net::TcpStream,
+    buf: BytesMut,
+    start: Start,
+    peer: SocketAddr,
+    ctx: ConnContext,
+    admission: Admission,
+) {
+    let conn = admission.conn;
+    let (rd, half) = stream.split();
+    let wr = TcpWriter { half, fresh: true };
+    match start {
+        Start::Connected {
+            out,
+            version,
+            pending,
+        } => {
+            if let Some(ev) = pending
+                && Box::pin(ctx.events.send(*ev)).await.is_err()
+            {
+                return;
+            }
+            drive(rd, wr, buf, &out, version, conn, peer, &ctx).await;
+        }
+        Start::Handshake(bad) => serve_split(rd, wr, buf, bad, peer, conn, &ctx).await,
+    }
+    drop(admission);
+}
+
+/// The write half of a TCP connection whose first write goes straight to the socket. A new
+/// connection's socket can always take its small CONNACK, but the runtime only lets a write
+/// through once epoll has reported the socket writable: when the CONNECT was read at accept,
+/// that would cost one more wait for the runtime's next epoll round (and a wake-up of the
+/// task) per connect. Later writes go through the runtime as usual.
+struct TcpWriter<'a> {
+    half: tokio::net::tcp::WriteHalf<'a>,
+    fresh: bool,
+}
+
+impl AsyncWrite for TcpWriter<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if std::mem::take(&mut this.fresh) {
+            use std::io::Write;
+            match (&*socket2::SockRef::from(this.half.as_ref())).write(buf) {
+                Ok(n) => return std::task::Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+        std::pin::Pin::new(&mut this.half).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.fresh = false;
+        std::pin::Pin::new(&mut self.half).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.half.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.half).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.half).poll_shutdown(cx)
+    }
+}
+
+/// How many transmits a connection's queue holds before the connection counts as not keeping
+/// up.
+fn queue_capacity(limits: &Limits) -> usize {
+    limits.connection_buffer + 2 * usize::from(limits.max_inflight) + 64
 }
 
 /// Reads until one CONNECT is decoded. `Ok(None)`: the peer closed first.
@@ -336,17 +527,41 @@ pub async fn serve_connection<IO>(io: IO, peer: SocketAddr, conn: ConnId, ctx: C
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(io);
+    let (rd, wr) = tokio::io::split(io);
     // Small at first: most connections are idle most of the time; it grows with the packets.
-    let mut buf = BytesMut::with_capacity(READ_MIN);
+    let buf = BytesMut::with_capacity(READ_MIN);
+    serve_split(rd, wr, buf, None, peer, conn, &ctx).await;
+    drop(ctx);
+}
+
+/// The handshake, then the connection: `buf` holds what was read already; `bad` is the error
+/// that decoding it as a CONNECT gave, if it did.
+async fn serve_split<R, W>(
+    mut rd: R,
+    mut wr: W,
+    mut buf: BytesMut,
+    bad: Option<DecodeError>,
+    peer: SocketAddr,
+    conn: ConnId,
+    ctx: &ConnContext,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     // Boxed: what only the handshake needs (its timer, the CONNECT) is freed once it is done
     // instead of staying in every connection's task for its whole life.
-    let Some(connect) = Box::pin(handshake(&mut rd, &mut wr, &mut buf, peer, &ctx)).await else {
+    let connect = match bad {
+        Some(e) => {
+            Box::pin(refuse(&mut wr, &buf, e, peer)).await;
+            return;
+        }
+        None => Box::pin(handshake(&mut rd, &mut wr, &mut buf, peer, ctx)).await,
+    };
+    let Some(connect) = connect else {
         return;
     };
     let version = connect.protocol_version;
-    let capacity = ctx.limits.connection_buffer + 2 * usize::from(ctx.limits.max_inflight) + 64;
-    let queue = ConnQueue::new(capacity);
+    let queue = ConnQueue::new(queue_capacity(&ctx.limits));
     let out = queue.0.clone();
     let event = Event::Connect {
         conn,
@@ -357,8 +572,7 @@ where
     if !send_event(&ctx.events, event).await {
         return;
     }
-    drive(rd, wr, buf, &out, version, conn, peer, &ctx).await;
-    drop(ctx);
+    drive(rd, wr, buf, &out, version, conn, peer, ctx).await;
 }
 
 /// Reads the CONNECT (within `connect_timeout`); a bad one is answered with the CONNACK its
@@ -388,28 +602,34 @@ where
         Ok(Ok(Some(c))) => Some(Box::new(c)),
         Ok(Ok(None)) => None,
         Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "bad CONNECT");
-            // 3.1.1 has return codes for two CONNECT errors; 5.0 has a reason code for all.
-            let reply = if let Some(code) = e.connack_code_v3() {
-                ReasonCode::from_v3_connack(code).map(|rc| (ProtocolVersion::V3_1_1, rc))
-            } else if announced_level(buf) == Some(5) {
-                Some((ProtocolVersion::V5, e.reason_code()))
-            } else {
-                None
-            };
-            if let Some((version, rc)) = reply {
-                let mut out = BytesMut::new();
-                if Packet::ConnAck(Box::new(ConnAck::new(rc)))
-                    .encode(version, &mut out)
-                    .is_ok()
-                {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
-                }
-            }
-            let _ = wr.shutdown().await;
+            refuse(wr, buf, e, peer).await;
             None
         }
     }
+}
+
+/// Answers a CONNECT that failed to decode with the CONNACK its error calls for (when the
+/// protocol has one) and closes the connection.
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, buf: &[u8], e: DecodeError, peer: SocketAddr) {
+    tracing::debug!(%peer, error = %e, "bad CONNECT");
+    // 3.1.1 has return codes for two CONNECT errors; 5.0 has a reason code for all.
+    let reply = if let Some(code) = e.connack_code_v3() {
+        ReasonCode::from_v3_connack(code).map(|rc| (ProtocolVersion::V3_1_1, rc))
+    } else if announced_level(buf) == Some(5) {
+        Some((ProtocolVersion::V5, e.reason_code()))
+    } else {
+        None
+    };
+    if let Some((version, rc)) = reply {
+        let mut out = BytesMut::new();
+        if Packet::ConnAck(Box::new(ConnAck::new(rc)))
+            .encode(version, &mut out)
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+        }
+    }
+    let _ = wr.shutdown().await;
 }
 
 /// Sends an event to the core; resolves to `false` when the core is gone. The common case
@@ -531,9 +751,12 @@ async fn drive<R, W>(
             outbox.release();
         }
         if phase == Phase::Both && buf.is_empty() && read_size == READ_MIN {
-            // Nothing buffered and a quiet peer: hold no read buffer while waiting (the
-            // read below allocates a small one only when bytes arrive).
-            buf = BytesMut::new();
+            // Nothing buffered and a quiet peer: hold only the small buffer a read takes
+            // anyway (tokio's `read_buf` reserves 64 bytes before it polls the socket), not a
+            // larger one, and not a fresh one per wake-up (an allocation and a free each).
+            if buf.capacity() > IDLE_READ_BUF {
+                buf = BytesMut::new();
+            }
         } else if buf.capacity() - buf.len() < read_size / 2 {
             buf.reserve(read_size);
         }
@@ -690,6 +913,8 @@ impl Drop for ConnQueue {
 
 /// The smallest read a connection asks for (and its first buffer's size).
 const READ_MIN: usize = 512;
+/// The read buffer an idle connection keeps: what `read_buf` reserves for an empty `BytesMut`.
+const IDLE_READ_BUF: usize = 64;
 /// The largest: a busy publisher's packets arrive in reads this large, not one syscall each.
 const READ_MAX: usize = 64 * 1024;
 
@@ -1140,6 +1365,163 @@ mod tests {
         }
     }
 
+    /// The next packet from a raw test client (bounded wait); `None` when the broker closed.
+    async fn next_packet(
+        io: &mut tokio::net::TcpStream,
+        buf: &mut BytesMut,
+        version: ProtocolVersion,
+    ) -> Option<Packet> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(p) = decode(buf, version, 1 << 20).expect("valid") {
+                return Some(p);
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), io.read_buf(buf))
+                .await
+                .expect("an answer in time")
+                .expect("read");
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// A broker, plus a listener of the test's own whose accepted sockets the test hands to
+    /// `accept_one` once their first bytes are there (so which path they take is known).
+    async fn broker_and_listener() -> (Running, TcpListener) {
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            http_listen: None,
+            storage: crate::config::StorageKind::Memory,
+            ..Config::default()
+        };
+        let running = start(config).await.expect("start");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        (running, listener)
+    }
+
+    /// Connects to `listener`, writes `first` in one write, accepts, and waits until the
+    /// accepted socket is readable (the bytes of one small loopback write arrive together).
+    async fn accepted_after(
+        listener: &TcpListener,
+        first: &[u8],
+    ) -> (tokio::net::TcpStream, tokio::net::TcpStream, SocketAddr) {
+        use tokio::io::AsyncWriteExt;
+        let addr = listener.local_addr().expect("addr");
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client.write_all(first).await.expect("write");
+        let (server, peer) = listener.accept().await.expect("accept");
+        tokio::time::timeout(Duration::from_secs(10), server.readable())
+            .await
+            .expect("readable in time")
+            .expect("readable");
+        (client, server, peer)
+    }
+
+    fn connect_bytes(version: ProtocolVersion, id: &'static str) -> BytesMut {
+        use mqttd_codec::{Connect, MqttString};
+        let connect = Connect::new(version, MqttString::from_static(id).expect("id"), 30);
+        BytesMut::from(
+            &Packet::Connect(Box::new(connect))
+                .to_bytes(version)
+                .expect("encode")[..],
+        )
+    }
+
+    /// The CONNECT is there when the connection is accepted: it goes to the core from the
+    /// accept loop, and the packets that came with it in the same read are served too.
+    #[tokio::test]
+    async fn a_connect_read_at_accept_is_answered_and_the_packets_after_it_too() {
+        use mqttd_codec::{Publish, QoS, SubscribeFilter, SubscriptionOptions, Topic, TopicFilter};
+        let (running, listener) = broker_and_listener().await;
+        let v = ProtocolVersion::V5;
+        let mut first = connect_bytes(v, "early");
+        let sub = Packet::Subscribe(mqttd_codec::Subscribe {
+            packet_id: std::num::NonZeroU16::MIN,
+            filters: vec![SubscribeFilter {
+                filter: TopicFilter::new("early/#").expect("filter"),
+                options: SubscriptionOptions::default(),
+            }],
+            properties: Default::default(),
+        });
+        sub.encode(v, &mut first).expect("encode");
+        let publish = Packet::Publish(Publish::new(
+            Topic::new("early/x").expect("topic"),
+            QoS::AtMostOnce,
+            None,
+            Bytes::from_static(b"came with the CONNECT"),
+        ));
+        publish.encode(v, &mut first).expect("encode");
+        let (mut client, server, peer) = accepted_after(&listener, &first).await;
+        assert!(
+            accept_one(server, peer, &running.context()),
+            "the whole CONNECT was there: read at accept"
+        );
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            next_packet(&mut client, &mut buf, v).await,
+            Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success
+        ));
+        assert!(matches!(
+            next_packet(&mut client, &mut buf, v).await,
+            Some(Packet::SubAck(_))
+        ));
+        assert!(matches!(
+            next_packet(&mut client, &mut buf, v).await,
+            Some(Packet::Publish(p)) if &p.payload[..] == b"came with the CONNECT"
+        ));
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+            .await
+            .expect("shutdown in time");
+    }
+
+    /// Part of a CONNECT at accept: the connection task reads the rest and answers.
+    #[tokio::test]
+    async fn a_connect_partly_there_at_accept_is_completed_by_the_connection() {
+        use tokio::io::AsyncWriteExt;
+        let (running, listener) = broker_and_listener().await;
+        let v = ProtocolVersion::V3_1_1;
+        let bytes = connect_bytes(v, "partial-at-accept");
+        let half = bytes.len() / 2;
+        let (mut client, server, peer) = accepted_after(&listener, &bytes[..half]).await;
+        assert!(!accept_one(server, peer, &running.context()));
+        client.write_all(&bytes[half..]).await.expect("write");
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            next_packet(&mut client, &mut buf, v).await,
+            Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success
+        ));
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+            .await
+            .expect("shutdown in time");
+    }
+
+    /// An invalid CONNECT read at accept gets the CONNACK its error calls for, then a close.
+    #[tokio::test]
+    async fn a_bad_connect_read_at_accept_is_refused_and_closed() {
+        let (running, listener) = broker_and_listener().await;
+        let v = ProtocolVersion::V3_1_1;
+        let mut bytes = connect_bytes(v, "bad-level");
+        bytes[8] = 9; // the protocol level: 0x10, length, 0x00 0x04 "MQTT", level
+        let (mut client, server, peer) = accepted_after(&listener, &bytes).await;
+        assert!(!accept_one(server, peer, &running.context()));
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            next_packet(&mut client, &mut buf, v).await,
+            Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::UnsupportedProtocolVersion
+        ));
+        assert!(
+            next_packet(&mut client, &mut buf, v).await.is_none(),
+            "closed"
+        );
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+            .await
+            .expect("shutdown in time");
+    }
+
     /// A connection is any byte stream: here an in-memory duplex pipe stands in for the QUIC
     /// stream that will use the same entry point.
     #[tokio::test]
@@ -1258,5 +1640,11 @@ mod size_tests {
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let n = size(&move |io| serve_connection(io, peer, 1, ctx.clone()));
         assert!(n <= 1536, "a connection's task future is {n} bytes");
+        // The TCP listener's own task (borrowed halves, the CONNECT maybe read at accept).
+        fn returned<A, B, C, D, E, G, F>(_: fn(A, B, C, D, E, G) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let tcp = returned(serve_tcp);
+        assert!(tcp <= 1536, "a TCP connection's task future is {tcp} bytes");
     }
 }

@@ -1147,7 +1147,7 @@ fn markdown(
         }
         s.push('\n');
     };
-    let ratio_note = "Ratio columns `A vs B` are A / B for throughput and B / A for latency and memory: above 1 always favours A.";
+    let ratio_note = "Ratio columns `A vs B` are A / B for throughput and B / A for latency, CPU per connect and memory: above 1 always favours A.";
 
     if group.cases.iter().any(|c| c.measure == Measure::Throughput) {
         let _ = writeln!(
@@ -1227,6 +1227,28 @@ fn markdown(
                     &["connect_latency_us", key],
                     1000.0,
                     2,
+                    true,
+                );
+            }
+            if !c.full_handshake {
+                // What the broker spends per connect, independent of how fast the generator
+                // (on the same two cores) can go: the generator-proof comparison.
+                row(
+                    &mut s,
+                    &format!("{t} — broker CPU per connect (µs)"),
+                    c.id,
+                    &["broker_cpu_us_per_connect"],
+                    1.0,
+                    1,
+                    true,
+                );
+                row(
+                    &mut s,
+                    &format!("{t} — generator CPU per connect (µs)"),
+                    c.id,
+                    &["bench_cpu_us_per_connect"],
+                    1.0,
+                    1,
                     true,
                 );
             }

@@ -63,6 +63,14 @@ pub struct Summary {
     pub connect_rate: f64,
     /// First packet (TCP SYN, QUIC Initial) to CONNACK, microseconds.
     pub connect_latency_us: Percentiles,
+    /// Idle-connection runs with `--broker-pid`: the broker's CPU time over the connect phase
+    /// divided by the clients connected, microseconds (kernel time in its threads included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_us_per_connect: Option<f64>,
+    /// Idle-connection runs: this generator's CPU time over the connect phase per client
+    /// connected, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bench_cpu_us_per_connect: Option<f64>,
     /// PUBLISHes written.
     pub sent: u64,
     /// PUBLISHes acknowledged with success (QoS 1/2).
@@ -142,6 +150,12 @@ impl Summary {
             line(format!(
                 "latency:   p50 {} us  p90 {} us  p99 {} us  p99.9 {} us  max {} us  (mean {:.0} us, n={})",
                 l.p50, l.p90, l.p99, l.p999, l.max, l.mean, l.count
+            ));
+        }
+        if let Some(us) = self.broker_cpu_us_per_connect {
+            line(format!(
+                "connect CPU: broker {us:.1} us per connect, generator {:.1} us per connect",
+                self.bench_cpu_us_per_connect.unwrap_or(0.0)
             ));
         }
         if let Some(b) = &self.broker {

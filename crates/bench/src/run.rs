@@ -19,7 +19,7 @@ use crate::client::{
 };
 use crate::payload::PublishTemplate;
 use crate::plan::{Kind, Plan};
-use crate::procstat::{Proc, Sample, cpu_percent};
+use crate::procstat::{Proc, Sample, cpu_percent, cpu_secs_precise};
 use crate::report::{BrokerUsage, Summary, progress};
 use crate::transport::Transport;
 
@@ -413,6 +413,8 @@ async fn run_idle<T: Transport>(
 ) -> Result<Summary> {
     let broker_before = broker.and_then(Proc::sample);
     let self_from = Proc::Current.sample();
+    let broker_cpu_from = broker.and_then(cpu_secs_precise);
+    let self_cpu_from = cpu_secs_precise(Proc::Current);
     let (ready_tx, mut ready_rx) = mpsc::channel(clients.max(1) as usize);
     let (stop_tx, stop_rx) = watch::channel(false);
     let began = Instant::now();
@@ -436,6 +438,14 @@ async fn run_idle<T: Transport>(
     drop(ready_tx);
     let ready = await_ready(&mut ready_rx, clients as usize).await;
     let connect_secs = began.elapsed().as_secs_f64();
+    let broker_cpu_to = broker.and_then(cpu_secs_precise);
+    let self_cpu_to = cpu_secs_precise(Proc::Current);
+    let per_connect = |from: Option<f64>, to: Option<f64>| match (from, to) {
+        (Some(a), Some(b)) if ready.ok > 0 => Some((b - a).max(0.0) * 1e6 / ready.ok as f64),
+        _ => None,
+    };
+    let broker_cpu_us_per_connect = per_connect(broker_cpu_from, broker_cpu_to);
+    let bench_cpu_us_per_connect = per_connect(self_cpu_from, self_cpu_to);
     // Let the broker settle before reading its memory, then hold for the rest of the duration.
     let hold = plan.load.duration;
     let settle = hold.min(Duration::from_secs(1));
@@ -467,6 +477,8 @@ async fn run_idle<T: Transport>(
             0.0
         },
         connect_latency_us: Percentiles::of(&ready.latency),
+        broker_cpu_us_per_connect,
+        bench_cpu_us_per_connect,
         broker: usage,
         bench_cpu_pct: bench_cpu(self_from, self_to),
         errors: errors.len() as u64,

@@ -651,15 +651,12 @@ fn hkdf_hmac(
                         dest.len() == hash_len && hmac(ctx, salt.unwrap_or(&[]), &[key], dest)
                     }
                     _ => {
-                        let prk: &[u8] = if mode == ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY {
-                            key
-                        } else if hmac(ctx, salt.unwrap_or(&[]), &[key], &mut prk[..hash_len]) {
-                            &prk[..hash_len]
-                        } else {
-                            return Some(false);
-                        };
+                        let expand_only = mode == ossl::EVP_KDF_HKDF_MODE_EXPAND_ONLY;
+                        let extracted = expand_only
+                            || hmac(ctx, salt.unwrap_or(&[]), &[key], &mut prk[..hash_len]);
+                        let prk: &[u8] = if expand_only { key } else { &prk[..hash_len] };
                         // T(i) = HMAC(PRK, T(i-1) | info | i), at most 255 blocks.
-                        let mut ok = dest.len() <= 255 * hash_len;
+                        let mut ok = extracted && dest.len() <= 255 * hash_len;
                         let mut prev_len = 0;
                         for (i, out) in dest.chunks_mut(hash_len).enumerate() {
                             let counter = [(i + 1) as u8];
@@ -681,6 +678,12 @@ fn hkdf_hmac(
                     }
                 }
             };
+            // Leave no secret in the reused context (OpenSSL keeps a copy of the key and the
+            // keyed digest states): re-key it with the empty key, which frees the copy with
+            // `OPENSSL_secure_clear_free` and overwrites every state.
+            static EMPTY: u8 = 0;
+            // SAFETY: as above; a valid pointer with length 0.
+            unsafe { ffi::EVP_MAC_init(ctx, &EMPTY, 0, ptr::null()) };
             // SAFETY: local buffers of the given lengths.
             unsafe {
                 ossl::OPENSSL_cleanse(prk.as_mut_ptr().cast(), prk.len());

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Who may connect without credentials. mqttd has no password backend yet, so this is the
-/// whole authentication story for now.
+/// Who may connect without a username. Clients that send one are checked against
+/// `password_file` when it is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Anonymous {
@@ -215,6 +215,11 @@ pub struct Settings {
     /// Lowest TLS version accepted: `1.2` or `1.3` [default: 1.2].
     #[arg(long)]
     pub tls_min_version: Option<TlsVersion>,
+    /// Password file (`username:hash` lines: `mqttd passwd` writes Argon2id; mosquitto_passwd's
+    /// files work too). Clients that send a username must then send its password; clients
+    /// without one follow `allow_anonymous` [default: none].
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
 }
 
 /// The resolved configuration the broker runs with.
@@ -248,6 +253,8 @@ pub struct Config {
     pub quic: Option<QuicConfig>,
     /// The MQTT-over-TLS listener, if enabled.
     pub tls: Option<TlsConfig>,
+    /// Password file for username/password authentication, if any.
+    pub password_file: Option<PathBuf>,
 }
 
 /// The MQTT-over-TLS listener's settings.
@@ -368,6 +375,7 @@ impl Default for Config {
             data_dir: PathBuf::from("mqttd-data"),
             quic: Some(QuicConfig::default()),
             tls: None,
+            password_file: None,
         }
     }
 }
@@ -479,7 +487,8 @@ impl Settings {
             tls_key,
             tls_cafile,
             tls_require_certificate,
-            tls_min_version
+            tls_min_version,
+            password_file
         )
     }
 
@@ -633,6 +642,7 @@ impl Settings {
             data_dir: self.data_dir.unwrap_or(d.data_dir),
             quic,
             tls,
+            password_file: self.password_file,
         })
     }
 }

@@ -104,6 +104,16 @@ pub struct ConnContext {
     credits: mpsc::UnboundedSender<(ConnId, usize)>,
     /// Held by every connection task: the core waits for all clones to drop on shutdown.
     _alive: mpsc::Sender<()>,
+    /// The password file, when `password_file` is set.
+    auth: Option<Arc<PasswordCheck>>,
+}
+
+/// Username/password checks: the password file and how many slow hash checks may run at once
+/// (on blocking threads, so a flood of wrong passwords cannot take every core).
+#[derive(Debug)]
+struct PasswordCheck {
+    file: crate::auth::Authenticator,
+    slots: Semaphore,
 }
 
 /// A connection admitted under `max_connections`; the slot is freed on drop.
@@ -115,6 +125,12 @@ pub struct Admission {
 }
 
 impl ConnContext {
+    /// Whether `connect`'s credentials must be checked against the password file before it
+    /// goes to the core.
+    fn checks_password(&self, connect: &Connect) -> bool {
+        self.auth.is_some() && connect.username.is_some()
+    }
+
     /// The limits every connection runs under (another listener reads its timeouts here).
     pub fn limits(&self) -> &Limits {
         &self.limits
@@ -224,7 +240,7 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
         tokio::spawn(crate::http::serve(l, metrics.clone(), shutdown_rx.clone()));
     }
     let loading = Instant::now();
-    let broker = Broker::new(
+    let mut broker = Broker::new(
         BrokerOptions {
             limits: config.limits.clone(),
             allow_anonymous: config.allow_anonymous,
@@ -235,6 +251,21 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
     )
     .map_err(std::io::Error::other)?;
     crate::store_redb::log_restored(&broker, loading);
+    let auth = match &config.password_file {
+        Some(path) => {
+            let file = crate::auth::PasswordFile::load(path).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+            })?;
+            tracing::info!(file = %path.display(), users = file.len(), "password authentication on");
+            let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+            Some(Arc::new(PasswordCheck {
+                file: crate::auth::Authenticator::new(file),
+                slots: Semaphore::new(parallel),
+            }))
+        }
+        None => None,
+    };
+    broker.set_password_auth(auth.is_some());
     let (events_tx, events_rx) = mpsc::channel(8192);
     let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
     let (credits_tx, credits_rx) = mpsc::unbounded_channel();
@@ -246,6 +277,7 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
         permits: Arc::new(Semaphore::new(config.limits.max_connections)),
         next_conn: Arc::new(AtomicU64::new(0)),
         _alive: alive_tx,
+        auth,
     };
     let core = tokio::spawn(run_core(
         broker,
@@ -356,6 +388,7 @@ fn accept_one(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: &ConnContext
     }
     let conn = admission.conn;
     let start = match early {
+        Early::Connect(connect) if ctx.checks_password(&connect) => Start::Verify(connect),
         Early::Connect(connect) => {
             let version = connect.protocol_version;
             let queue = ConnQueue::new(queue_capacity(&ctx.limits));
@@ -395,6 +428,8 @@ enum Start {
     },
     /// The handshake is still to do; `Some`: the bytes read were not a valid CONNECT.
     Handshake(Option<DecodeError>),
+    /// A whole CONNECT whose password must be checked first.
+    Verify(Box<Connect>),
 }
 
 /// Serves one accepted TCP connection until it ends (its halves borrowed, not shared).
@@ -423,6 +458,12 @@ async fn serve_tcp(
             drive(rd, wr, buf, &out, version, conn, peer, &ctx).await;
         }
         Start::Handshake(bad) => serve_split(rd, wr, buf, bad, peer, conn, &ctx).await,
+        Start::Verify(connect) => {
+            let mut wr = wr;
+            if let Some(connect) = Box::pin(authenticate(connect, &mut wr, peer, &ctx)).await {
+                connected(rd, wr, buf, connect, peer, conn, &ctx).await;
+            }
+        }
     }
     drop(admission);
 }
@@ -560,6 +601,30 @@ async fn serve_split<R, W>(
     let Some(connect) = connect else {
         return;
     };
+    let connect = if ctx.checks_password(&connect) {
+        match Box::pin(authenticate(connect, &mut wr, peer, ctx)).await {
+            Some(c) => c,
+            None => return,
+        }
+    } else {
+        connect
+    };
+    connected(rd, wr, buf, connect, peer, conn, ctx).await;
+}
+
+/// Hands an accepted CONNECT to the core, then serves the connection.
+async fn connected<R, W>(
+    rd: R,
+    wr: W,
+    buf: BytesMut,
+    connect: Box<Connect>,
+    peer: SocketAddr,
+    conn: ConnId,
+    ctx: &ConnContext,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let version = connect.protocol_version;
     let queue = ConnQueue::new(queue_capacity(&ctx.limits));
     let out = queue.0.clone();
@@ -606,6 +671,42 @@ where
             None
         }
     }
+}
+
+/// Checks a CONNECT's username and password against the password file on a blocking thread
+/// (call it when [`ConnContext::checks_password`]); a wrong pair is answered with Bad User Name
+/// or Password (3.1.1: return code 4) and the connection closed (`None`).
+async fn authenticate<W: AsyncWrite + Unpin>(
+    connect: Box<Connect>,
+    wr: &mut W,
+    peer: SocketAddr,
+    ctx: &ConnContext,
+) -> Option<Box<Connect>> {
+    let (Some(auth), Some(user)) = (&ctx.auth, &connect.username) else {
+        return Some(connect);
+    };
+    let ok = {
+        let _slot = auth.slots.acquire().await.ok()?;
+        let check = auth.clone();
+        let user = user.as_str().to_owned();
+        let password = connect.password.clone().unwrap_or_default();
+        tokio::task::spawn_blocking(move || check.file.verify(&user, &password))
+            .await
+            .unwrap_or(false)
+    };
+    if ok {
+        return Some(connect);
+    }
+    tracing::info!(%peer, user = %user.as_str(), "refused: bad username or password");
+    let mut out = BytesMut::new();
+    if Packet::ConnAck(Box::new(ConnAck::new(ReasonCode::BadUserNameOrPassword)))
+        .encode(connect.protocol_version, &mut out)
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&out)).await;
+    }
+    let _ = wr.shutdown().await;
+    None
 }
 
 /// Answers a CONNECT that failed to decode with the CONNACK its error calls for (when the
@@ -1636,6 +1737,7 @@ mod size_tests {
             permits: Arc::new(Semaphore::new(1)),
             next_conn: Arc::new(AtomicU64::new(0)),
             _alive: alive,
+            auth: None,
         };
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let n = size(&move |io| serve_connection(io, peer, 1, ctx.clone()));

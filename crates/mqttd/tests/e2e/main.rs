@@ -6,5 +6,6 @@ mod bad;
 mod cli;
 mod clients;
 mod common;
+mod auth;
 mod mosq;
 mod tls;

@@ -113,6 +113,10 @@ pub struct Broker<S: Store> {
     /// Usernames in CONNECTs were checked against a password file before they got here
     /// ([`Broker::set_password_auth`]).
     password_auth: bool,
+    /// Topic access rules (`acl_file`), if any ([`Broker::set_acl`]).
+    acl: Option<crate::acl::Acl>,
+    /// Each known client's rules, resolved at its CONNECT and kept while its session lives.
+    client_acls: FastMap<ClientId, crate::acl::ClientAcl>,
 }
 
 impl<S: Store> std::fmt::Debug for Broker<S> {
@@ -210,7 +214,16 @@ impl<S: Store> Broker<S> {
             },
             timers,
             password_auth: false,
+            acl: None,
+            client_acls: FastMap::default(),
         })
+    }
+
+    /// Enforces topic access rules from here on (`None`: everything allowed). See
+    /// [`crate::acl`] for what is checked where.
+    pub fn set_acl(&mut self, acl: Option<crate::acl::Acl>) {
+        self.acl = acl;
+        self.client_acls.clear();
     }
 
     /// Tells the broker that the connection layer checks every CONNECT carrying a username
@@ -343,6 +356,19 @@ impl<S: Store> Broker<S> {
                 }))
             }
         };
+        let client_acl = self
+            .acl
+            .as_ref()
+            .map(|a| a.rules_for(connect.username.as_ref().map(|u| u.as_str()), &client_id));
+        if let (Some(a), Some(w)) = (&client_acl, &will)
+            && !a.may_publish(w.message.topic.as_str())
+        {
+            tracing::info!(client = %client_id, topic = w.message.topic.as_str(), "refused: will topic not allowed by the ACL");
+            return self.refuse(conn, ReasonCode::NotAuthorized, "will topic not allowed");
+        }
+        if let Some(a) = client_acl {
+            self.client_acls.insert(client_id.clone(), a);
+        }
         let props = &connect.properties;
         let expiry = if v.is_v5() {
             props
@@ -478,6 +504,7 @@ impl<S: Store> Broker<S> {
             Metrics::add(&self.metrics.messages_dropped, dropped);
         }
         self.dirty.remove(&old.state.client_id);
+        self.client_acls.remove(&old.state.client_id);
         if let Err(e) = self.store.remove_session(&old.state.client_id) {
             tracing::error!(error = %e, "cannot remove session from store");
         }
@@ -574,6 +601,16 @@ impl<S: Store> Broker<S> {
         self.mark_dirty(client_id);
     }
 
+    /// Whether an ACL is configured and `allows` says no for this client (a client without
+    /// resolved rules, which cannot happen for a connected one, is denied).
+    fn acl_denies(
+        &self,
+        client_id: &ClientId,
+        allows: impl FnOnce(&crate::acl::ClientAcl) -> bool,
+    ) -> bool {
+        self.acl.is_some() && !self.client_acls.get(client_id).is_some_and(allows)
+    }
+
     fn mark_dirty(&mut self, client_id: &ClientId) {
         if self.persist
             && self
@@ -632,8 +669,10 @@ impl<S: Store> Broker<S> {
                 return self.drop_link(conn, Some(ReasonCode::ReceiveMaximumExceeded), true, now);
             }
         }
-        // Clients may not publish into the broker's own `$SYS` tree.
-        let denied = p.topic.as_str().starts_with("$SYS/") || p.topic.as_str() == "$SYS";
+        // Clients may not publish into the broker's own `$SYS` tree, nor where the ACL forbids.
+        let denied = p.topic.as_str().starts_with("$SYS/")
+            || p.topic.as_str() == "$SYS"
+            || self.acl_denies(client_id, |a| a.may_publish(p.topic.as_str()));
         // A payload declared UTF-8 that is not (5.0 section 3.3.2.3.2): refused, not forwarded.
         let bad_format = p.properties.payload_format_indicator == Some(PayloadFormat::Utf8)
             && std::str::from_utf8(&p.payload).is_err();
@@ -730,8 +769,16 @@ impl<S: Store> Broker<S> {
         let mut agg = std::mem::take(&mut self.scratch);
         let sessions = &self.sessions;
         let connected = |c: &ClientId| sessions.get(c).is_some_and(|s| s.link.is_some());
+        let (acl, client_acls) = (self.acl.is_some(), &self.client_acls);
         self.router.route(message.topic.as_str(), &connected, |m| {
             if m.value.no_local && !m.shared && message.publisher.as_ref() == Some(m.client) {
+                return;
+            }
+            if acl
+                && client_acls
+                    .get(m.client)
+                    .is_some_and(|a| !a.may_receive(message.topic.as_str()))
+            {
                 return;
             }
             let qos = min(message.qos, m.value.qos);
@@ -780,7 +827,12 @@ impl<S: Store> Broker<S> {
         let was_empty = s.state.queue.is_empty();
         let dropped = s.enqueue(d, max_queued);
         let pumped = if was_empty {
-            s.pump(credit, now, &mut self.transmits)
+            s.pump_readable(
+                credit,
+                now,
+                &mut self.transmits,
+                self.client_acls.get(client_id),
+            )
         } else {
             Pumped::default()
         };
@@ -807,7 +859,12 @@ impl<S: Store> Broker<S> {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
-        let pumped = s.pump(credit, now, &mut self.transmits);
+        let pumped = s.pump_readable(
+            credit,
+            now,
+            &mut self.transmits,
+            self.client_acls.get(client_id),
+        );
         self.record(pumped);
     }
 
@@ -844,6 +901,11 @@ impl<S: Store> Broker<S> {
                     continue;
                 }
             };
+            if self.acl_denies(client_id, |a| a.may_subscribe(spec.filter)) {
+                tracing::debug!(client = %client_id, filter = raw, "subscription refused by the ACL");
+                reasons.push(ReasonCode::NotAuthorized);
+                continue;
+            }
             let o = f.options;
             let entry = Subscription {
                 qos: o.qos,
@@ -867,8 +929,11 @@ impl<S: Store> Broker<S> {
                     RetainHandling::DoNotSend => false,
                 };
             if send_retained {
+                let readable = |m: &SharedMessage| {
+                    !self.acl_denies(client_id, |a| a.may_receive(m.topic.as_str()))
+                };
                 for m in self.retained.matching(spec.filter) {
-                    if !m.is_expired(now) {
+                    if !m.is_expired(now) && readable(m) {
                         retained.push(Delivery {
                             message: m.clone(),
                             qos: min(m.qos, o.qos),

@@ -1499,3 +1499,176 @@ fn sync_qos2_and_retained_still_wait_for_the_commit() {
     let out = h.settle();
     assert_eq!(pubacks(&out, 2), vec![2]);
 }
+
+fn suback_codes(t: &[Transmit]) -> Vec<ReasonCode> {
+    t.iter()
+        .find_map(|t| match t {
+            Transmit::Packet(Packet::SubAck(s)) => Some(s.reason_codes.clone()),
+            _ => None,
+        })
+        .expect("a SUBACK")
+}
+
+fn puback_code(t: &[Transmit]) -> ReasonCode {
+    t.iter()
+        .find_map(|t| match t {
+            Transmit::Packet(Packet::PubAck(a)) => Some(a.reason_code),
+            _ => None,
+        })
+        .expect("a PUBACK")
+}
+
+fn user(mut c: Connect, name: &str) -> Connect {
+    c.username = Some(mstr(name));
+    c
+}
+
+const ACL: &str = "topic read public/#\n\
+                   user alice\n\
+                   topic fleet/#\n\
+                   topic deny fleet/secret/#\n\
+                   user bob\n\
+                   topic write fleet/bob\n\
+                   pattern readwrite devices/%c/#\n";
+
+fn with_acl() -> H {
+    let mut h = H::new();
+    h.b.set_acl(Some(
+        crate::acl::Acl::parse(ACL, std::path::Path::new("acl")).expect("acl"),
+    ));
+    h
+}
+
+#[test]
+fn acl_refuses_subscriptions_and_publishes_and_filters_deliveries() {
+    let mut h = with_acl();
+    h.connect(1, user(connect(V5, "a1"), "alice"));
+    h.send(1, sub(1, "fleet/#", QoS::AtLeastOnce));
+    h.send(1, sub(2, "fleet/secret/#", QoS::AtLeastOnce));
+    h.send(1, sub(3, "public/#", QoS::AtLeastOnce));
+    let t = h.out(1);
+    let codes: Vec<ReasonCode> = t
+        .iter()
+        .filter_map(|t| match t {
+            Transmit::Packet(Packet::SubAck(s)) => Some(s.reason_codes[0]),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            ReasonCode::GrantedQoS1,
+            ReasonCode::NotAuthorized,
+            ReasonCode::NotAuthorized
+        ],
+        "alice may read fleet/# but not its secret part, nor the anonymous public/#"
+    );
+    // bob may write fleet/bob only; 5.0 hears Not Authorized for the rest, 3.1.1 is acked.
+    h.connect(2, user(connect(V5, "b1"), "bob"));
+    h.send(2, publish("fleet/bob", QoS::AtLeastOnce, 1, "ok"));
+    assert_eq!(puback_code(&h.out(2)), ReasonCode::Success);
+    assert_eq!(payloads(&h.out(1)), vec!["ok"]);
+    h.send(2, publish("fleet/alice", QoS::AtLeastOnce, 2, "no"));
+    assert_eq!(puback_code(&h.out(2)), ReasonCode::NotAuthorized);
+    h.connect(3, user(connect(V4, "b2"), "bob"));
+    h.send(3, publish("fleet/other", QoS::AtLeastOnce, 1, "no"));
+    assert!(matches!(
+        h.out(3).first(),
+        Some(Transmit::Packet(Packet::PubAck(_)))
+    ));
+    assert!(h.out(1).is_empty(), "a denied publish is not routed");
+    // alice publishes into the secret part (denied) and elsewhere in fleet/ (allowed): her
+    // fleet/# subscription gets only what she may read.
+    h.send(
+        1,
+        publish("fleet/secret/key", QoS::AtLeastOnce, 3, "secret"),
+    );
+    assert_eq!(puback_code(&h.out(1)), ReasonCode::NotAuthorized);
+    h.connect(4, connect(V5, "anon"));
+    h.send(
+        4,
+        publish("devices/anon/state", QoS::AtMostOnce, 0, "own device"),
+    );
+    h.send(4, publish("fleet/x", QoS::AtMostOnce, 0, "not allowed"));
+    h.out(4);
+    assert!(h.out(1).is_empty());
+    // A pattern: each client reads and writes under its own identifier.
+    h.send(4, sub(1, "devices/anon/#", QoS::AtMostOnce));
+    h.send(4, sub(2, "devices/a1/#", QoS::AtMostOnce));
+    let t = h.out(4);
+    assert_eq!(
+        t.iter()
+            .filter_map(|t| match t {
+                Transmit::Packet(Packet::SubAck(s)) => Some(s.reason_codes[0]),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        vec![ReasonCode::Success, ReasonCode::NotAuthorized]
+    );
+}
+
+#[test]
+fn acl_filters_wide_subscriptions_retained_messages_and_queued_ones() {
+    let mut h = H::new();
+    h.b.set_acl(Some(
+        crate::acl::Acl::parse(
+            "user root\ntopic readwrite #\nuser sensor\ntopic readwrite plant/#\ntopic deny plant/admin/#\n",
+            std::path::Path::new("acl"),
+        )
+        .expect("acl"),
+    ));
+    h.connect(1, user(connect(V5, "root"), "root"));
+    h.send(1, publish("plant/admin/pin", QoS::AtMostOnce, 0, "1234"));
+    h.send(1, {
+        let mut p = Publish::new(
+            Topic::new("plant/admin/pin").expect("topic"),
+            QoS::AtMostOnce,
+            None,
+            Bytes::from_static(b"retained pin"),
+        );
+        p.retain = true;
+        Packet::Publish(p)
+    });
+    h.send(1, {
+        let mut p = Publish::new(
+            Topic::new("plant/temp").expect("topic"),
+            QoS::AtMostOnce,
+            None,
+            Bytes::from_static(b"retained temp"),
+        );
+        p.retain = true;
+        Packet::Publish(p)
+    });
+    h.out(1);
+    // plant/# is covered by a read rule; the deny covers only part of it, so the
+    // subscription is granted and the denied topics are filtered message by message,
+    // retained ones included.
+    h.connect(2, user(persistent(V5, "s1"), "sensor"));
+    h.send(2, sub(1, "plant/#", QoS::AtLeastOnce));
+    let t = h.out(2);
+    assert_eq!(suback_codes(&t), vec![ReasonCode::GrantedQoS1]);
+    assert_eq!(payloads(&t), vec!["retained temp"]);
+    h.send(1, publish("plant/admin/pin", QoS::AtLeastOnce, 1, "5678"));
+    h.send(1, publish("plant/temp", QoS::AtLeastOnce, 2, "21"));
+    h.out(1);
+    let t = h.out(2);
+    assert_eq!(payloads(&t), vec!["21"]);
+    let delivered = publishes(&t)[0].packet_id.expect("QoS 1");
+    h.send(2, Packet::PubAck(PubAck::new(delivered)));
+    // Offline: the queue is filtered as well when the session comes back.
+    h.send(2, Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+    h.out(2);
+    h.send(1, publish("plant/admin/pin", QoS::AtLeastOnce, 3, "9999"));
+    h.send(1, publish("plant/temp", QoS::AtLeastOnce, 4, "22"));
+    h.out(1);
+    let t = h.connect(3, user(persistent(V5, "s1"), "sensor"));
+    assert!(connack(&t).session_present);
+    assert_eq!(payloads(&t), vec!["22"]);
+    // A will on a topic the client may not write is refused at CONNECT.
+    let t = h.connect(
+        4,
+        with_will(user(connect(V5, "s2"), "sensor"), "plant/admin/x", None),
+    );
+    assert_eq!(connack(&t).reason_code, ReasonCode::NotAuthorized);
+    assert!(has_close(&t));
+}

@@ -220,6 +220,11 @@ pub struct Settings {
     /// without one follow `allow_anonymous` [default: none].
     #[arg(long)]
     pub password_file: Option<PathBuf>,
+    /// Topic access rules in mosquitto's `acl_file` format (`user`, `topic [read|write|
+    /// readwrite|deny] FILTER`, `pattern ... %u %c`); with it, what is not allowed is denied
+    /// [default: none, everything allowed].
+    #[arg(long)]
+    pub acl_file: Option<PathBuf>,
 }
 
 /// The resolved configuration the broker runs with.
@@ -255,6 +260,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Password file for username/password authentication, if any.
     pub password_file: Option<PathBuf>,
+    /// Topic access rules, if any.
+    pub acl_file: Option<PathBuf>,
 }
 
 /// The MQTT-over-TLS listener's settings.
@@ -376,6 +383,7 @@ impl Default for Config {
             quic: Some(QuicConfig::default()),
             tls: None,
             password_file: None,
+            acl_file: None,
         }
     }
 }
@@ -488,7 +496,8 @@ impl Settings {
             tls_cafile,
             tls_require_certificate,
             tls_min_version,
-            password_file
+            password_file,
+            acl_file
         )
     }
 
@@ -643,6 +652,7 @@ impl Settings {
             quic,
             tls,
             password_file: self.password_file,
+            acl_file: self.acl_file,
         })
     }
 }

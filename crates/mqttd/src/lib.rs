@@ -5,6 +5,7 @@
 //! The tokio side (listeners, connection tasks, the HTTP endpoint, signals) only moves bytes and
 //! events. This crate must not put I/O or clocks into the core modules.
 
+pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod client;

@@ -266,6 +266,12 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
         None => None,
     };
     broker.set_password_auth(auth.is_some());
+    if let Some(path) = &config.acl_file {
+        let acl = crate::acl::Acl::load(path)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        tracing::info!(file = %path.display(), "topic access rules on");
+        broker.set_acl(Some(acl));
+    }
     let (events_tx, events_rx) = mpsc::channel(8192);
     let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
     let (credits_tx, credits_rx) = mpsc::unbounded_channel();

@@ -120,6 +120,19 @@ impl Session {
         now: Instant,
         out: &mut VecDeque<(ConnId, Transmit)>,
     ) -> Pumped {
+        self.pump_readable(credit, now, out, None)
+    }
+
+    /// [`Session::pump`] under the client's topic access rules: a queued message on a topic
+    /// it may not read is discarded as if delivered (it may have been queued before the rules
+    /// were known, e.g. for a session restored from the store before its client came back).
+    pub fn pump_readable(
+        &mut self,
+        credit: usize,
+        now: Instant,
+        out: &mut VecDeque<(ConnId, Transmit)>,
+        acl: Option<&crate::acl::ClientAcl>,
+    ) -> Pumped {
         let mut result = Pumped::default();
         let Some(link) = self.link.as_mut() else {
             return result;
@@ -129,7 +142,9 @@ impl Session {
             if link.in_transit >= credit {
                 break;
             }
-            if front.message.is_expired(now) {
+            if front.message.is_expired(now)
+                || acl.is_some_and(|a| !a.may_receive(front.message.topic.as_str()))
+            {
                 if let Some(d) = state.queue.pop_front() {
                     state.queue_log.popped += 1;
                     result.dropped.push(d.qos);

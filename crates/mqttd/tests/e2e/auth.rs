@@ -3,11 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use rumqttc::v5 as r5;
 
-use crate::common::{Mqttd, WAIT, mosquitto};
+use crate::common::{Mqttd, WAIT, fails_to_start, mosquitto};
 
 fn data_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mqttd-e2e-auth-{name}-{}", std::process::id()));
@@ -168,25 +167,7 @@ fn an_unusable_password_file_stops_the_broker_naming_the_line() {
     let dir = data_dir("bad");
     let file = dir.join("passwd");
     std::fs::write(&file, "# devices\nalice:plain text password\n").expect("write");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
-        .args(["--listen", "127.0.0.1:0", "--http-enabled", "false"])
-        .args(["--quic-enabled", "false", "--storage", "memory"])
-        .args(["--password-file", file.to_str().expect("utf-8 path")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mqttd");
-    let deadline = std::time::Instant::now() + WAIT;
-    while child.try_wait().expect("try_wait").is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mqttd kept running with an unusable password file"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails_to_start(&["--password-file", file.to_str().expect("utf-8 path")]);
     assert!(
         stderr.contains(&format!("{}:2: user `alice`", file.display())),
         "{stderr}"

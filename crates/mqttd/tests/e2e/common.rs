@@ -269,3 +269,27 @@ impl Raw {
         seen
     }
 }
+
+/// Runs the broker with `args` (on free ports, in memory, without QUIC or HTTP), expects it to
+/// refuse to start within [`WAIT`], and returns what it printed on stderr.
+pub fn fails_to_start(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(["--listen", "127.0.0.1:0", "--http-enabled", "false"])
+        .args(["--quic-enabled", "false", "--storage", "memory"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mqttd");
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mqttd {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(!out.status.success(), "mqttd {args:?} exited successfully");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -420,7 +420,8 @@ fn accept_one(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: &ConnContext
         Early::Partial | Early::Closed => Start::Handshake(None),
     };
     let early = matches!(start, Start::Connected { .. });
-    tokio::spawn(serve_tcp(stream, buf, start, peer, ctx.clone(), admission));
+    let first = Box::new(TcpStart { buf, start, peer });
+    tokio::spawn(serve_tcp(stream, ctx.clone(), admission, first));
     early
 }
 
@@ -438,39 +439,26 @@ enum Start {
     Verify(Box<Connect>),
 }
 
-/// Serves one accepted TCP connection until it ends (its halves borrowed, not shared).
-async fn serve_tcp(
-    mut stream: tokio::net::TcpStream,
+/// What an accepted TCP connection starts with, boxed apart so the task's future does not
+/// keep room for it once the task has moved it on.
+struct TcpStart {
     buf: BytesMut,
     start: Start,
     peer: SocketAddr,
+}
+
+/// Serves one accepted TCP connection until it ends (its halves borrowed, not shared).
+async fn serve_tcp(
+    mut stream: tokio::net::TcpStream,
     ctx: ConnContext,
     admission: Admission,
+    first: Box<TcpStart>,
 ) {
+    let TcpStart { buf, start, peer } = *first;
     let conn = admission.conn;
     let (rd, half) = stream.split();
     let wr = TcpWriter { half, fresh: true };
-    match start {
-        Start::Connected {
-            out,
-            version,
-            pending,
-        } => {
-            if let Some(ev) = pending
-                && Box::pin(ctx.events.send(*ev)).await.is_err()
-            {
-                return;
-            }
-            drive(rd, wr, buf, &out, version, conn, peer, &ctx).await;
-        }
-        Start::Handshake(bad) => serve_split(rd, wr, buf, bad, peer, conn, &ctx).await,
-        Start::Verify(connect) => {
-            let mut wr = wr;
-            if let Some(connect) = Box::pin(authenticate(connect, &mut wr, peer, &ctx)).await {
-                connected(rd, wr, buf, connect, peer, conn, &ctx).await;
-            }
-        }
-    }
+    serve_split(rd, wr, buf, start, peer, conn, &ctx).await;
     drop(admission);
 }
 
@@ -577,17 +565,18 @@ where
     let (rd, wr) = tokio::io::split(io);
     // Small at first: most connections are idle most of the time; it grows with the packets.
     let buf = BytesMut::with_capacity(READ_MIN);
-    serve_split(rd, wr, buf, None, peer, conn, &ctx).await;
+    serve_split(rd, wr, buf, Start::Handshake(None), peer, conn, &ctx).await;
     drop(ctx);
 }
 
-/// The handshake, then the connection: `buf` holds what was read already; `bad` is the error
-/// that decoding it as a CONNECT gave, if it did.
+/// The handshake (unless the CONNECT went to the core at accept) and the password check (when
+/// one is due), then the connection: `buf` holds what was read already. One `drive` for every
+/// way in, so the task's future holds one, not one per way.
 async fn serve_split<R, W>(
     mut rd: R,
     mut wr: W,
     mut buf: BytesMut,
-    bad: Option<DecodeError>,
+    start: Start,
     peer: SocketAddr,
     conn: ConnId,
     ctx: &ConnContext,
@@ -595,42 +584,53 @@ async fn serve_split<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Boxed: what only the handshake needs (its timer, the CONNECT) is freed once it is done
-    // instead of staying in every connection's task for its whole life.
-    let connect = match bad {
-        Some(e) => {
-            Box::pin(refuse(&mut wr, &buf, e, peer)).await;
-            return;
+    // Boxed: what only the handshake needs (its timer, the CONNECT, the password check) is
+    // freed once it is done instead of staying in every connection's task for its whole life.
+    let admitted = match start {
+        Start::Connected {
+            out,
+            version,
+            pending,
+        } => {
+            if let Some(ev) = pending
+                && Box::pin(ctx.events.send(*ev)).await.is_err()
+            {
+                return;
+            }
+            Some((out, version))
         }
-        None => Box::pin(handshake(&mut rd, &mut wr, &mut buf, peer, ctx)).await,
+        Start::Handshake(Some(bad)) => {
+            Box::pin(refuse(&mut wr, &buf, bad, peer)).await;
+            None
+        }
+        Start::Handshake(None) => {
+            match Box::pin(handshake(&mut rd, &mut wr, &mut buf, peer, ctx)).await {
+                Some(connect) => Box::pin(to_core(connect, &mut wr, peer, conn, ctx)).await,
+                None => None,
+            }
+        }
+        Start::Verify(connect) => Box::pin(to_core(connect, &mut wr, peer, conn, ctx)).await,
     };
-    let Some(connect) = connect else {
+    let Some((out, version)) = admitted else {
         return;
     };
+    drive(rd, wr, buf, &out, version, conn, peer, ctx).await;
+}
+
+/// Checks the CONNECT's password when one is due, then hands it to the core; returns the
+/// connection's queue and protocol version, or `None` when it was refused or the core is gone.
+async fn to_core<W: AsyncWrite + Unpin>(
+    connect: Box<Connect>,
+    wr: &mut W,
+    peer: SocketAddr,
+    conn: ConnId,
+    ctx: &ConnContext,
+) -> Option<(Arc<Outq>, ProtocolVersion)> {
     let connect = if ctx.checks_password(&connect) {
-        match Box::pin(authenticate(connect, &mut wr, peer, ctx)).await {
-            Some(c) => c,
-            None => return,
-        }
+        authenticate(connect, wr, peer, ctx).await?
     } else {
         connect
     };
-    connected(rd, wr, buf, connect, peer, conn, ctx).await;
-}
-
-/// Hands an accepted CONNECT to the core, then serves the connection.
-async fn connected<R, W>(
-    rd: R,
-    wr: W,
-    buf: BytesMut,
-    connect: Box<Connect>,
-    peer: SocketAddr,
-    conn: ConnId,
-    ctx: &ConnContext,
-) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
     let version = connect.protocol_version;
     let queue = ConnQueue::new(queue_capacity(&ctx.limits));
     let out = queue.0.clone();
@@ -640,10 +640,9 @@ async fn connected<R, W>(
         connect,
         queue,
     };
-    if !send_event(&ctx.events, event).await {
-        return;
-    }
-    drive(rd, wr, buf, &out, version, conn, peer, ctx).await;
+    send_event(&ctx.events, event)
+        .await
+        .then_some((out, version))
 }
 
 /// Reads the CONNECT (within `connect_timeout`); a bad one is answered with the CONNACK its
@@ -1749,7 +1748,7 @@ mod size_tests {
         let n = size(&move |io| serve_connection(io, peer, 1, ctx.clone()));
         assert!(n <= 1536, "a connection's task future is {n} bytes");
         // The TCP listener's own task (borrowed halves, the CONNECT maybe read at accept).
-        fn returned<A, B, C, D, E, G, F>(_: fn(A, B, C, D, E, G) -> F) -> usize {
+        fn returned<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
             std::mem::size_of::<F>()
         }
         let tcp = returned(serve_tcp);

@@ -46,6 +46,9 @@ use crate::router::FastMap;
 use crate::store::Store;
 
 /// An input to the core task.
+// `Packet` is the variant nearly every event is; boxing it to shrink the rare others would
+// cost an allocation per packet.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event {
     /// A connection sent its CONNECT.
@@ -65,6 +68,9 @@ pub enum Event {
         conn: ConnId,
         /// The packet.
         packet: Packet,
+        /// KiB of the ingress budget it holds (large PUBLISH packets only, else 0); the core
+        /// gives them back once it has handled the packet.
+        budget_kib: u32,
     },
     /// The peer broke the protocol; the core tells it (5.0) and closes.
     ProtocolError {
@@ -106,6 +112,34 @@ pub struct ConnContext {
     _alive: mpsc::Sender<()>,
     /// The password file, when `password_file` is set.
     auth: Option<Arc<PasswordCheck>>,
+    /// KiB of large PUBLISH packets on their way to the core ([`ingress_budget_kib`]): the
+    /// event channel is bounded in events, this bounds it in bytes, so clients flooding big
+    /// messages while the core is busy wait for room instead of filling memory.
+    ingress: Arc<Semaphore>,
+}
+
+/// Size of the ingress budget in KiB: 64 MiB, or four of the largest packets allowed if that
+/// is more (any one packet always fits).
+fn ingress_budget_kib(limits: &Limits) -> usize {
+    (64 << 10).max(4 * (limits.max_packet_size as usize).div_ceil(1024))
+}
+
+/// PUBLISH packets from this many bytes on take their size from the ingress budget; smaller
+/// ones are bounded by the event channel's capacity alone (8192 x 4 KiB).
+const BUDGETED_FROM: usize = 4096;
+
+/// The budget (KiB) the whole packet at the front of `buf` takes: `Some` only for a large
+/// PUBLISH that is completely buffered, so a slow sender never holds budget for bytes it has
+/// not sent.
+fn budget_of(buf: &[u8]) -> Option<u32> {
+    if buf.first()? >> 4 != 3 {
+        return None;
+    }
+    let (len, n) = read_varint(buf.get(1..)?)?;
+    if len < BUDGETED_FROM || buf.len() < 1 + n + len {
+        return None;
+    }
+    u32::try_from(len.div_ceil(1024)).ok()
 }
 
 /// Username/password checks: the password file and how many slow hash checks may run at once
@@ -284,6 +318,7 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
         next_conn: Arc::new(AtomicU64::new(0)),
         _alive: alive_tx,
         auth,
+        ingress: Arc::new(Semaphore::new(ingress_budget_kib(&config.limits))),
     };
     let core = tokio::spawn(run_core(
         broker,
@@ -292,6 +327,7 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
         shutdown_rx.clone(),
         config.clone(),
         metrics.clone(),
+        ctx.ingress.clone(),
     ));
     let accept = tokio::spawn(accept_loop(listener, ctx.clone(), shutdown_rx));
     let grace = config.shutdown_grace;
@@ -796,8 +832,27 @@ async fn drive<R, W>(
             // Decode everything buffered before waiting again. The event is built before the
             // send is awaited, so no decoded packet sits in the task across that await.
             loop {
+                let budget_kib = match budget_of(&buf) {
+                    Some(kib) => {
+                        // Room in the budget (the common case) costs no wait and no
+                        // allocation. The core gives the permits back (`add_permits`).
+                        match ctx.ingress.try_acquire_many(kib) {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => match Box::pin(ctx.ingress.acquire_many(kib)).await {
+                                Ok(permit) => permit.forget(),
+                                Err(_) => break 'conn,
+                            },
+                        }
+                        kib
+                    }
+                    None => 0,
+                };
                 let ev = match decode(&mut buf, version, max) {
-                    Ok(Some(packet)) => Event::Packet { conn, packet },
+                    Ok(Some(packet)) => Event::Packet {
+                        conn,
+                        packet,
+                        budget_kib,
+                    },
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(%peer, conn, error = %e, "malformed packet");
@@ -1199,6 +1254,7 @@ async fn run_core(
     mut shutdown: watch::Receiver<bool>,
     config: Config,
     metrics: Arc<Metrics>,
+    ingress: Arc<Semaphore>,
 ) {
     let mut written = Vec::with_capacity(256);
     let mut credits_open = true;
@@ -1238,7 +1294,7 @@ async fn run_core(
                         closed.push(conn);
                         continue;
                     }
-                    handle_event(&mut broker, &mut handles, ev, now);
+                    handle_event(&mut broker, &mut handles, ev, now, &ingress);
                 }
                 if !hold {
                     // Once per batch, not per event: a writer is woken once with everything
@@ -1354,6 +1410,7 @@ fn handle_event(
     handles: &mut FastMap<ConnId, ConnQueue>,
     ev: Event,
     now: Instant,
+    ingress: &Semaphore,
 ) {
     match ev {
         Event::Connect {
@@ -1365,7 +1422,16 @@ fn handle_event(
             handles.insert(conn, queue);
             broker.handle_connect(conn, peer.ip(), *connect, now);
         }
-        Event::Packet { conn, packet } => broker.handle_packet(conn, packet, now),
+        Event::Packet {
+            conn,
+            packet,
+            budget_kib,
+        } => {
+            broker.handle_packet(conn, packet, now);
+            if budget_kib > 0 {
+                ingress.add_permits(budget_kib as usize);
+            }
+        }
         Event::ProtocolError { conn, reason } => broker.handle_protocol_error(conn, reason, now),
         Event::Written { conn, n } => broker.handle_written(conn, n, now),
         Event::Closed { conn } => {
@@ -1721,6 +1787,103 @@ mod tests {
     }
 }
 #[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    /// Large PUBLISH packets wait for the ingress budget: with room for one 6 KiB message,
+    /// the second reaches the core only once the core has handled the first.
+    #[tokio::test]
+    async fn large_publishes_wait_for_the_ingress_budget() {
+        use mqttd_codec::{Connect, MqttString, Publish, QoS, Topic};
+        use tokio::io::AsyncWriteExt;
+
+        let (events, mut rx) = mpsc::channel::<Event>(64);
+        let (alive, _alive_rx) = mpsc::channel::<()>(1);
+        let (credits, _credits_rx) = mpsc::unbounded_channel();
+        let ctx = ConnContext {
+            events,
+            credits,
+            limits: Arc::default(),
+            metrics: Arc::new(Metrics::new()),
+            permits: Arc::new(Semaphore::new(1)),
+            next_conn: Arc::new(AtomicU64::new(0)),
+            _alive: alive,
+            auth: None,
+            ingress: Arc::new(Semaphore::new(8)),
+        };
+        let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        tokio::spawn(serve_connection(theirs, peer, 1, ctx.clone()));
+        let v = ProtocolVersion::V3_1_1;
+        let connect = Connect::new(v, MqttString::from_static("big").expect("id"), 30);
+        let mut bytes = Packet::Connect(Box::new(connect))
+            .to_bytes(v)
+            .expect("encode")
+            .to_vec();
+        for n in 0..2u8 {
+            let p = Publish::new(
+                Topic::new("big").expect("topic"),
+                QoS::AtMostOnce,
+                None,
+                Bytes::from(vec![n; 6 << 10]),
+            );
+            bytes.extend_from_slice(&Packet::Publish(p).to_bytes(v).expect("encode"));
+        }
+        ours.write_all(&bytes).await.expect("write");
+        let next = async |rx: &mut mpsc::Receiver<Event>| {
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an event in time")
+                .expect("the connection is alive")
+        };
+        assert!(matches!(next(&mut rx).await, Event::Connect { .. }));
+        let first = next(&mut rx).await;
+        let Event::Packet {
+            packet: Packet::Publish(p),
+            budget_kib,
+            ..
+        } = &first
+        else {
+            panic!("expected the first PUBLISH");
+        };
+        assert_eq!(
+            (p.payload[0], *budget_kib),
+            (0, 7),
+            "6 KiB and its header: 7 KiB"
+        );
+        // The second waits while the first holds 7 of the 8 KiB.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "the second is held back");
+        // The core handled the first: its KiB go back (as `handle_event` does).
+        ctx.ingress.add_permits(7);
+        let second = next(&mut rx).await;
+        assert!(
+            matches!(&second, Event::Packet { packet: Packet::Publish(p), budget_kib: 7, .. } if p.payload[0] == 1)
+        );
+        ctx.ingress.add_permits(7);
+        assert_eq!(ctx.ingress.available_permits(), 8, "all given back");
+    }
+
+    #[test]
+    fn only_whole_large_publishes_take_budget() {
+        // PUBLISH, remaining length 5000 (0x88 0x27), fully buffered or not.
+        let mut buf = vec![0x30, 0x88, 0x27];
+        assert_eq!(budget_of(&buf), None, "not buffered yet");
+        buf.resize(3 + 5000, 0);
+        assert_eq!(budget_of(&buf), Some(5));
+        buf[0] = 0x82; // SUBSCRIBE
+        assert_eq!(budget_of(&buf), None);
+        assert_eq!(budget_of(&[0x30, 0x10]), None, "small");
+        let limits = Limits {
+            max_packet_size: 256 << 20,
+            ..Limits::default()
+        };
+        assert_eq!(ingress_budget_kib(&limits), 4 * (256 << 10));
+        assert_eq!(ingress_budget_kib(&Limits::default()), 64 << 10);
+    }
+}
+
+#[cfg(test)]
 mod size_tests {
     use super::*;
 
@@ -1743,6 +1906,7 @@ mod size_tests {
             next_conn: Arc::new(AtomicU64::new(0)),
             _alive: alive,
             auth: None,
+            ingress: Arc::new(Semaphore::new(1)),
         };
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let n = size(&move |io| serve_connection(io, peer, 1, ctx.clone()));

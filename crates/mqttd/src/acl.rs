@@ -185,6 +185,7 @@ impl Acl {
         }
         ClientAcl {
             rules: Arc::from(rules),
+            username: username.map(Arc::from),
         }
     }
 }
@@ -223,9 +224,16 @@ fn valid_filter(filter: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientAcl {
     rules: Arc<[Rule]>,
+    /// The username they were resolved for (to resolve them again from a reloaded file).
+    username: Option<Arc<str>>,
 }
 
 impl ClientAcl {
+    /// The username these rules were resolved for.
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
     fn allows(&self, want: Want, topic: &str) -> bool {
         let matching = || {
             self.rules

@@ -220,10 +220,19 @@ impl<S: Store> Broker<S> {
     }
 
     /// Enforces topic access rules from here on (`None`: everything allowed). See
-    /// [`crate::acl`] for what is checked where.
+    /// [`crate::acl`] for what is checked where. Known clients get their rules resolved again
+    /// from the new ones (a reloaded `acl_file` applies to connected clients at once).
     pub fn set_acl(&mut self, acl: Option<crate::acl::Acl>) {
+        match &acl {
+            Some(new) => {
+                for (client_id, rules) in self.client_acls.iter_mut() {
+                    let resolved = new.rules_for(rules.username(), client_id);
+                    *rules = resolved;
+                }
+            }
+            None => self.client_acls.clear(),
+        }
         self.acl = acl;
-        self.client_acls.clear();
     }
 
     /// Tells the broker that the connection layer checks every CONNECT carrying a username

@@ -406,6 +406,10 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let signal = shutdown_signal();
+        // Taken over before the listeners start, like SIGINT/SIGTERM: SIGHUP's default action
+        // would end the process.
+        #[cfg(unix)]
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let running = match mqttd::server::start(config.clone()).await {
             Ok(r) => r,
             Err(e) => {
@@ -413,6 +417,20 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // SIGHUP reloads the password and ACL files, as with mosquitto.
+        #[cfg(unix)]
+        match hangups {
+            Ok(mut hup) => {
+                let reloader = running.reloader();
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        // Failures are logged and the rules in force are kept.
+                        let _ = reloader.reload().await;
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP: reloading is off"),
+        }
         // Tests and scripts read these lines to find the ports.
         println!(
             "mqttd {} listening on mqtt://{}",

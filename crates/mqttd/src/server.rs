@@ -91,6 +91,8 @@ pub enum Event {
         /// The connection.
         conn: ConnId,
     },
+    /// The ACL file was reloaded: these rules apply from now on.
+    Acl(Box<crate::acl::Acl>),
 }
 
 /// What every connection task needs, whatever transport accepted it. A listener (TCP now,
@@ -146,7 +148,8 @@ fn budget_of(buf: &[u8]) -> Option<u32> {
 /// (on blocking threads, so a flood of wrong passwords cannot take every core).
 #[derive(Debug)]
 struct PasswordCheck {
-    file: crate::auth::Authenticator,
+    /// Swapped whole by a reload; a check clones the `Arc` and verifies without the lock.
+    file: std::sync::RwLock<Arc<crate::auth::Authenticator>>,
     slots: Semaphore,
 }
 
@@ -201,9 +204,69 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
     ctx: ConnContext,
+    reloader: Reloader,
+}
+
+/// Reloads the password and ACL files (mosquitto's SIGHUP): new connections are checked
+/// against the new passwords, and every client, connected ones included, gets the new topic
+/// rules. A file that no longer loads is reported and the rules in force are kept.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    password_file: Option<std::path::PathBuf>,
+    acl_file: Option<std::path::PathBuf>,
+    auth: Option<Arc<PasswordCheck>>,
+    /// Weak: a pending reload must not keep the broker from shutting down.
+    events: mpsc::WeakSender<Event>,
+}
+
+impl Reloader {
+    /// Reads the files again and applies them; the errors of those that could not be used
+    /// (their previous contents stay in force).
+    pub async fn reload(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if let (Some(path), Some(auth)) = (&self.password_file, &self.auth) {
+            match crate::auth::PasswordFile::load(path) {
+                Ok(file) => {
+                    let users = file.len();
+                    if let Ok(mut f) = auth.file.write() {
+                        *f = Arc::new(crate::auth::Authenticator::new(file));
+                    }
+                    tracing::info!(file = %path.display(), users, "password file reloaded");
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if let Some(path) = &self.acl_file {
+            match crate::acl::Acl::load(path) {
+                Ok(acl) => {
+                    let sent = match self.events.upgrade() {
+                        Some(events) => events.send(Event::Acl(Box::new(acl))).await.is_ok(),
+                        None => false,
+                    };
+                    if sent {
+                        tracing::info!(file = %path.display(), "ACL file reloaded");
+                    }
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        for e in &errors {
+            tracing::error!(error = %e, "reload failed; the previous rules stay in force");
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
 }
 
 impl Running {
+    /// What reloads the password and ACL files (on SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// Starts a graceful shutdown and waits for it to finish.
     pub async fn shutdown(self) {
         let Running {
@@ -293,7 +356,7 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
             tracing::info!(file = %path.display(), users = file.len(), "password authentication on");
             let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
             Some(Arc::new(PasswordCheck {
-                file: crate::auth::Authenticator::new(file),
+                file: std::sync::RwLock::new(Arc::new(crate::auth::Authenticator::new(file))),
                 slots: Semaphore::new(parallel),
             }))
         }
@@ -338,12 +401,19 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
         let _ = tokio::time::timeout(grace + Duration::from_secs(1), alive_rx.recv()).await;
         let _ = core.await;
     });
+    let reloader = Reloader {
+        password_file: config.password_file.clone(),
+        acl_file: config.acl_file.clone(),
+        auth: ctx.auth.clone(),
+        events: ctx.events.downgrade(),
+    };
     Ok(Running {
         mqtt_addr,
         http_addr,
         shutdown: shutdown_tx,
         done,
         ctx,
+        reloader,
     })
 }
 
@@ -731,7 +801,11 @@ async fn authenticate<W: AsyncWrite + Unpin>(
         let check = auth.clone();
         let user = user.as_str().to_owned();
         let password = connect.password.clone().unwrap_or_default();
-        tokio::task::spawn_blocking(move || check.file.verify(&user, &password))
+        let file = match check.file.read() {
+            Ok(f) => f.clone(),
+            Err(_) => return None,
+        };
+        tokio::task::spawn_blocking(move || file.verify(&user, &password))
             .await
             .unwrap_or(false)
     };
@@ -1434,6 +1508,7 @@ fn handle_event(
         }
         Event::ProtocolError { conn, reason } => broker.handle_protocol_error(conn, reason, now),
         Event::Written { conn, n } => broker.handle_written(conn, n, now),
+        Event::Acl(acl) => broker.set_acl(Some(*acl)),
         Event::Closed { conn } => {
             handles.remove(&conn);
             broker.handle_closed(conn, CloseReason::NetworkError, now);

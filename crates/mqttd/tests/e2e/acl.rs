@@ -218,3 +218,96 @@ fn an_unusable_acl_file_stops_the_broker_naming_the_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn hangup(broker: &Mqttd) {
+    let ok = Command::new("kill")
+        .args(["-HUP", &broker.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+/// The outcome of a 5.0 CONNECT with these credentials (the connection is dropped after).
+async fn connack(port: u16, id: &str, user: &str, pass: &str) -> Result<(), String> {
+    let mut opts = r5::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_credentials(user, pass);
+    let (_client, mut el) = r5::AsyncClient::new(opts, 10);
+    match tokio::time::timeout(WAIT, el.poll()).await {
+        Ok(Ok(r5::Event::Incoming(P5::ConnAck(_)))) => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// SIGHUP reloads the password and ACL files, like mosquitto: a new user can connect, and a
+/// connected client's topic rules change at once. A file that no longer loads keeps the
+/// rules in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_password_and_acl_files() {
+    let (dir, broker) = setup("reload");
+    let port = broker.port();
+    assert!(connack(port, "carol-1", "carol", "carol pw").await.is_err());
+    let (alice, mut alice_rx) = v5(port, "alice-r", ALICE).await;
+    alice.subscribe("fleet/#", QOS1).await.expect("subscribe");
+    assert_eq!(
+        next(&mut alice_rx, suback).await,
+        Ok("[Success(AtLeastOnce)]".into())
+    );
+    // New files: carol exists; alice reads news/ and no longer fleet/.
+    let passwd = dir.join("passwd");
+    let out = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args([
+            "passwd",
+            "-b",
+            passwd.to_str().expect("utf-8"),
+            "carol",
+            "carol pw",
+        ])
+        .output()
+        .expect("mqttd passwd");
+    assert!(out.status.success(), "{out:?}");
+    let acl = dir.join("acl");
+    std::fs::write(
+        &acl,
+        "user ops\ntopic readwrite #\nuser alice\ntopic news/#\n",
+    )
+    .expect("acl");
+    hangup(&broker);
+    // Bounded: the reload is asynchronous.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while connack(port, "carol-2", "carol", "carol pw").await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "carol never got in");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (ops, _ops_rx) = v5(port, "ops-r", Some(("ops", "ops pw"))).await;
+    ops.publish("fleet/a", QOS1, false, "no longer alice's")
+        .await
+        .expect("publish");
+    alice.subscribe("news/#", QOS1).await.expect("subscribe");
+    assert_eq!(
+        next(&mut alice_rx, suback).await,
+        Ok("[Success(AtLeastOnce)]".into())
+    );
+    ops.publish("news/b", QOS1, false, "alice's now")
+        .await
+        .expect("publish");
+    // fleet/a was routed first: had it reached alice it would arrive first.
+    let p = next(&mut alice_rx, |p| match p {
+        P5::Publish(p) => Some(p),
+        _ => None,
+    })
+    .await
+    .expect("a delivery");
+    assert_eq!(&p.topic[..], b"news/b");
+    // A broken file is refused and the rules in force stay.
+    std::fs::write(&acl, "topic read a/#/b\n").expect("acl");
+    hangup(&broker);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (alice2, mut rx2) = v5(port, "alice-r2", ALICE).await;
+    alice2.subscribe("news/#", QOS1).await.expect("subscribe");
+    assert_eq!(
+        next(&mut rx2, suback).await,
+        Ok("[Success(AtLeastOnce)]".into()),
+        "the previous rules are still in force"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

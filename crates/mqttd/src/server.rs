@@ -162,6 +162,25 @@ pub struct Admission {
 }
 
 impl ConnContext {
+    /// A context whose events go to `events` and nowhere else (no core, no shutdown), with
+    /// default limits and an ingress budget of `ingress_kib`: for tests of a connection task.
+    #[cfg(test)]
+    fn detached(events: mpsc::Sender<Event>, ingress_kib: usize) -> ConnContext {
+        let (alive, _) = mpsc::channel::<()>(1);
+        let (credits, _) = mpsc::unbounded_channel();
+        ConnContext {
+            events,
+            credits,
+            limits: Arc::default(),
+            metrics: Arc::new(Metrics::new()),
+            permits: Arc::new(Semaphore::new(1)),
+            next_conn: Arc::new(AtomicU64::new(0)),
+            _alive: alive,
+            auth: None,
+            ingress: Arc::new(Semaphore::new(ingress_kib)),
+        }
+    }
+
     /// Whether `connect`'s credentials must be checked against the password file before it
     /// goes to the core.
     fn checks_password(&self, connect: &Connect) -> bool {
@@ -1873,19 +1892,7 @@ mod budget_tests {
         use tokio::io::AsyncWriteExt;
 
         let (events, mut rx) = mpsc::channel::<Event>(64);
-        let (alive, _alive_rx) = mpsc::channel::<()>(1);
-        let (credits, _credits_rx) = mpsc::unbounded_channel();
-        let ctx = ConnContext {
-            events,
-            credits,
-            limits: Arc::default(),
-            metrics: Arc::new(Metrics::new()),
-            permits: Arc::new(Semaphore::new(1)),
-            next_conn: Arc::new(AtomicU64::new(0)),
-            _alive: alive,
-            auth: None,
-            ingress: Arc::new(Semaphore::new(8)),
-        };
+        let ctx = ConnContext::detached(events, 8);
         let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         tokio::spawn(serve_connection(theirs, peer, 1, ctx.clone()));
@@ -1970,19 +1977,7 @@ mod size_tests {
             std::mem::size_of::<F>()
         }
         let (events, _rx) = mpsc::channel::<Event>(1);
-        let (alive, _alive_rx) = mpsc::channel::<()>(1);
-        let (credits, _credits_rx) = mpsc::unbounded_channel();
-        let ctx = ConnContext {
-            events,
-            credits,
-            limits: Arc::default(),
-            metrics: Arc::new(Metrics::new()),
-            permits: Arc::new(Semaphore::new(1)),
-            next_conn: Arc::new(AtomicU64::new(0)),
-            _alive: alive,
-            auth: None,
-            ingress: Arc::new(Semaphore::new(1)),
-        };
+        let ctx = ConnContext::detached(events, 1);
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let n = size(&move |io| serve_connection(io, peer, 1, ctx.clone()));
         assert!(n <= 1536, "a connection's task future is {n} bytes");

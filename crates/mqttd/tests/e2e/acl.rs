@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use rumqttc::v5 as r5;
 use rumqttc::v5::mqttbytes::v5::Packet as P5;
 
-use crate::common::{Mqttd, WAIT, fails_to_start, mosquitto};
+use crate::common::{Mqttd, WAIT, fails_to_start, fresh_dir, mosquitto};
 
 const ACL: &str = "\
 # Clients without a username may read public/.
@@ -25,9 +25,7 @@ pattern write devices/%c/#
 ";
 
 fn setup(name: &str) -> (PathBuf, Mqttd) {
-    let dir = std::env::temp_dir().join(format!("mqttd-e2e-acl-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = fresh_dir(&format!("acl-{name}"));
     let passwd = dir.join("passwd");
     std::fs::write(&passwd, "").expect("write passwd");
     for (user, pass) in [("ops", "ops pw"), ("alice", "alice pw")] {
@@ -203,9 +201,7 @@ async fn acl_rules_decide_who_subscribes_publishes_and_receives() {
 
 #[test]
 fn an_unusable_acl_file_stops_the_broker_naming_the_line() {
-    let dir = std::env::temp_dir().join(format!("mqttd-e2e-acl-bad-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = fresh_dir("acl-bad");
     let acl = dir.join("acl");
     std::fs::write(&acl, "user alice\ntopic read fleet/#/x\n").expect("write");
     let stderr = fails_to_start(&["--acl-file", acl.to_str().expect("utf-8")]);

@@ -6,13 +6,10 @@ use std::process::{Command, Output, Stdio};
 
 use rumqttc::v5 as r5;
 
-use crate::common::{Mqttd, WAIT, fails_to_start, mosquitto};
+use crate::common::{Mqttd, WAIT, fails_to_start, fresh_dir, mosquitto};
 
 fn data_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mqttd-e2e-auth-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
+    fresh_dir(&format!("auth-{name}"))
 }
 
 fn ok(out: Output, what: &str) -> Output {

@@ -293,3 +293,33 @@ pub fn fails_to_start(args: &[&str]) -> String {
     assert!(!out.status.success(), "mqttd {args:?} exited successfully");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Runs a mosquitto command-line client to completion, bounded by its own `-W`/`-C` and by
+/// 20 s of ours (it is killed and the test fails after that).
+pub fn run_tool(tool: &str, args: &[String]) -> std::process::Output {
+    let mut child = Command::new(mosquitto(tool))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mosquitto client");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{tool} {args:?} did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A new, empty directory for one test (`mqttd-e2e-<name>-<pid>` in the system's temp dir).
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mqttd-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("test directory");
+    dir
+}

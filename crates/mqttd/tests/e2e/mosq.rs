@@ -10,28 +10,7 @@ use mqttd_codec::{
     SubscribeFilter, SubscriptionOptions, Topic, TopicFilter, Will,
 };
 
-use crate::common::{Mqttd, Raw, mosquitto, mstr};
-
-/// Runs a mosquitto client to completion (bounded by its own `-W` timeout and ours).
-fn run(tool: &str, args: &[String]) -> Output {
-    let mut child = Command::new(mosquitto(tool))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mosquitto client");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{tool} {args:?} did not finish in time");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use crate::common::{Mqttd, Raw, mosquitto, mstr, run_tool as run};
 
 fn args(port: u16, rest: &[&str]) -> Vec<String> {
     let mut v = vec![

@@ -4,19 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clients::{v4, v4_tls};
-use crate::common::{Mqttd, WAIT, mosquitto};
+use crate::common::{Mqttd, WAIT, fresh_dir, mosquitto, run_tool as run};
 
 /// A fresh data directory for one test (the broker writes its generated certificate there).
 fn data_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mqttd-e2e-tls-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("data dir");
-    dir
+    fresh_dir(&format!("tls-{name}"))
 }
 
 /// Starts the broker with a TLS listener on a free port; returns it and the generated
@@ -39,27 +35,6 @@ fn tls_port(broker: &Mqttd) -> u16 {
         .tls
         .expect("the broker printed its mqtts:// address")
         .port()
-}
-
-/// Runs a mosquitto client to completion (bounded by its own `-W` and ours).
-fn run(tool: &str, args: &[String]) -> Output {
-    let mut child = Command::new(mosquitto(tool))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mosquitto client");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{tool} {args:?} did not finish in time");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn strings(v: &[&str]) -> Vec<String> {

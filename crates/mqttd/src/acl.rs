@@ -28,6 +28,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::router::filter_matches;
+
 /// An ACL file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AclError {
@@ -264,25 +266,6 @@ impl ClientAcl {
         };
         !covering().any(|r| r.access == Access::Deny)
             && covering().any(|r| r.access.grants(Want::Read))
-    }
-}
-
-/// Whether topic filter `filter` matches topic name `topic` (MQTT rules: `+` one level, `#`
-/// the rest including the parent; wildcards at the first level do not match `$` topics).
-fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 

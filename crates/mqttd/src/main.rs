@@ -440,51 +440,48 @@ fn main() -> ExitCode {
         if let Some(http) = running.http_addr {
             println!("mqttd metrics on http://{http}/metrics, health on http://{http}/health");
         }
+        // Tests and scripts read these lines too.
+        let announce = |what: &str, url: String, cert: &std::path::Path, sha256: &str| {
+            println!(
+                "mqttd MQTT over {what} on {url} (certificate {}, sha256 {sha256})",
+                cert.display()
+            );
+        };
         let quic = match &config.quic {
             Some(q) => {
                 let shutdown = running.shutdown_handle().subscribe();
-                match mqttd::quic::start(q, &config.data_dir, running.context(), shutdown).await {
-                    Ok(l) => {
-                        println!(
-                            "mqttd MQTT over QUIC on quic://{} (certificate {}, sha256 {})",
-                            l.local_addr,
-                            l.cert_path.display(),
-                            l.fingerprint
-                        );
-                        Some(l)
-                    }
-                    Err(e) => {
-                        eprintln!("error: cannot start: {e}");
-                        running.shutdown().await;
-                        return ExitCode::FAILURE;
-                    }
-                }
-            }
-            None => None,
-        };
-        let tls = match &config.tls {
-            Some(t) => {
-                let shutdown = running.shutdown_handle().subscribe();
-                match mqttd::tls_listener::start(t, &config.data_dir, running.context(), shutdown)
+                mqttd::quic::start(q, &config.data_dir, running.context(), shutdown)
                     .await
-                {
-                    Ok(l) => {
-                        println!(
-                            "mqttd MQTT over TLS on mqtts://{} (certificate {}, sha256 {})",
-                            l.local_addr,
-                            l.cert_path.display(),
-                            l.fingerprint
-                        );
+                    .map(|l| {
+                        let url = format!("quic://{}", l.local_addr);
+                        announce("QUIC", url, &l.cert_path, &l.fingerprint);
                         Some(l)
-                    }
-                    Err(e) => {
-                        eprintln!("error: cannot start: {e}");
-                        running.shutdown().await;
-                        return ExitCode::FAILURE;
-                    }
-                }
+                    })
+                    .map_err(|e| e.to_string())
             }
-            None => None,
+            None => Ok(None),
+        };
+        let tls = match (&quic, &config.tls) {
+            (Ok(_), Some(t)) => {
+                let shutdown = running.shutdown_handle().subscribe();
+                mqttd::tls_listener::start(t, &config.data_dir, running.context(), shutdown)
+                    .await
+                    .map(|l| {
+                        let url = format!("mqtts://{}", l.local_addr);
+                        announce("TLS", url, &l.cert_path, &l.fingerprint);
+                        Some(l)
+                    })
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(None),
+        };
+        let (quic, tls) = match (quic, tls) {
+            (Ok(quic), Ok(tls)) => (quic, tls),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("error: cannot start: {e}");
+                running.shutdown().await;
+                return ExitCode::FAILURE;
+            }
         };
         tracing::info!(mqtt = %running.mqtt_addr, http = ?running.http_addr, "listening");
         signal.await;

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use rumqttc::v5 as r5;
 use rumqttc::v5::mqttbytes::v5::Packet as P5;
 
-use crate::common::{Mqttd, WAIT, fails_to_start, fresh_dir, mosquitto};
+use crate::common::{Mqttd, WAIT, fails_to_start, fresh_dir, mosquitto, mqttd_passwd};
 
 const ACL: &str = "\
 # Clients without a username may read public/.
@@ -29,11 +29,7 @@ fn setup(name: &str) -> (PathBuf, Mqttd) {
     let passwd = dir.join("passwd");
     std::fs::write(&passwd, "").expect("write passwd");
     for (user, pass) in [("ops", "ops pw"), ("alice", "alice pw")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_mqttd"))
-            .args(["passwd", "-b", passwd.to_str().expect("utf-8"), user, pass])
-            .output()
-            .expect("mqttd passwd");
-        assert!(out.status.success(), "{out:?}");
+        mqttd_passwd(&passwd, user, pass);
     }
     let acl = dir.join("acl");
     std::fs::write(&acl, ACL).expect("write acl");
@@ -249,18 +245,7 @@ async fn sighup_reloads_the_password_and_acl_files() {
         Ok("[Success(AtLeastOnce)]".into())
     );
     // New files: carol exists; alice reads news/ and no longer fleet/.
-    let passwd = dir.join("passwd");
-    let out = Command::new(env!("CARGO_BIN_EXE_mqttd"))
-        .args([
-            "passwd",
-            "-b",
-            passwd.to_str().expect("utf-8"),
-            "carol",
-            "carol pw",
-        ])
-        .output()
-        .expect("mqttd passwd");
-    assert!(out.status.success(), "{out:?}");
+    mqttd_passwd(&dir.join("passwd"), "carol", "carol pw");
     let acl = dir.join("acl");
     std::fs::write(
         &acl,

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 
 use rumqttc::v5 as r5;
 
-use crate::common::{Mqttd, WAIT, fails_to_start, fresh_dir, mosquitto};
+use crate::common::{Mqttd, WAIT, fails_to_start, fresh_dir, mosquitto, mqttd_passwd};
 
 fn data_dir(name: &str) -> PathBuf {
     fresh_dir(&format!("auth-{name}"))
@@ -29,13 +29,7 @@ fn password_file(dir: &Path) -> PathBuf {
             .expect("mosquitto_passwd"),
         "mosquitto_passwd",
     );
-    ok(
-        Command::new(env!("CARGO_BIN_EXE_mqttd"))
-            .args(["passwd", "-b", f, "carol", "carol's pw"])
-            .output()
-            .expect("mqttd passwd"),
-        "mqttd passwd",
-    );
+    mqttd_passwd(&file, "carol", "carol's pw");
     file
 }
 

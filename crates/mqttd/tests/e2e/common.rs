@@ -323,3 +323,15 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("test directory");
     dir
 }
+
+/// Adds `user` with `password` to the password file `file` (which must exist) with
+/// `mqttd passwd -b`.
+pub fn mqttd_passwd(file: &std::path::Path, user: &str, password: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mqttd"))
+        .args(["passwd", "-b"])
+        .arg(file)
+        .args([user, password])
+        .output()
+        .expect("mqttd passwd");
+    assert!(out.status.success(), "mqttd passwd: {out:?}");
+}

@@ -225,6 +225,11 @@ pub struct Settings {
     /// [default: none, everything allowed].
     #[arg(long)]
     pub acl_file: Option<PathBuf>,
+    /// Threads that serve connections and the broker core: 0 for one per CPU, 1 for a single
+    /// thread (no cross-thread wake-ups, so less CPU per message on a small machine shared
+    /// with other work, but one core at most) [default: 0].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
 }
 
 /// The resolved configuration the broker runs with.
@@ -262,6 +267,8 @@ pub struct Config {
     pub password_file: Option<PathBuf>,
     /// Topic access rules, if any.
     pub acl_file: Option<PathBuf>,
+    /// Runtime threads (0: one per CPU).
+    pub worker_threads: usize,
 }
 
 /// The MQTT-over-TLS listener's settings.
@@ -384,6 +391,7 @@ impl Default for Config {
             tls: None,
             password_file: None,
             acl_file: None,
+            worker_threads: 0,
         }
     }
 }
@@ -497,7 +505,8 @@ impl Settings {
             tls_require_certificate,
             tls_min_version,
             password_file,
-            acl_file
+            acl_file,
+            worker_threads
         )
     }
 
@@ -653,6 +662,13 @@ impl Settings {
             tls,
             password_file: self.password_file,
             acl_file: self.acl_file,
+            worker_threads: match self.worker_threads {
+                Some(n) if n > 1024 => {
+                    return Err(range("worker_threads", "must be between 0 and 1024"));
+                }
+                Some(n) => n,
+                None => 0,
+            },
         })
     }
 }
@@ -756,6 +772,23 @@ mod tests {
             .expect("valid");
         let q = c.quic.expect("QUIC on");
         assert!(!q.migration && q.zero_rtt);
+    }
+
+    #[test]
+    fn worker_threads_default_and_range() {
+        assert_eq!(
+            Config::default().worker_threads,
+            0,
+            "one per CPU by default"
+        );
+        let c = parse("worker_threads = 1\n")
+            .and_then(Settings::resolve)
+            .expect("valid");
+        assert_eq!(c.worker_threads, 1);
+        let err = parse("worker_threads = 5000\n")
+            .and_then(Settings::resolve)
+            .expect_err("too many");
+        assert!(err.to_string().starts_with("worker_threads:"), "{err}");
     }
 
     #[test]

@@ -485,3 +485,50 @@ async fn large_payload_fans_out_intact() {
         assert_eq!(&s.next_publish().await.payload[..], b"small");
     }
 }
+
+/// `worker_threads = 1` (one thread for connections and the core, the durable store's writer
+/// apart): QoS 1 and 2 flows and a persistent session that queues while its client is away
+/// all work as on the default runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_threaded_broker_serves_qos_flows_and_durable_sessions() {
+    let dir = crate::common::fresh_dir("single-thread");
+    let broker = Mqttd::start(&[
+        "--worker-threads",
+        "1",
+        "--storage",
+        "redb",
+        "--data-dir",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    let port = broker.port();
+    let mut sub = v4(port, "st-sub", false, None).await;
+    // QoS 1 on the subscriber's side: a QoS 2 delivery still being released when the client
+    // goes would be released again on its return, which rumqttc refuses as unsolicited.
+    sub.client
+        .subscribe("st/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    sub.suback().await;
+    let publisher = v4(port, "st-pub", true, None).await;
+    for (qos, payload) in [
+        (rumqttc::QoS::AtLeastOnce, "one"),
+        (rumqttc::QoS::ExactlyOnce, "two"),
+    ] {
+        publisher
+            .client
+            .publish("st/x", qos, false, payload)
+            .await
+            .expect("publish");
+        assert_eq!(&sub.next_publish().await.payload[..], payload.as_bytes());
+    }
+    sub.client.disconnect().await.expect("disconnect");
+    let _ = tokio::time::timeout(WAIT, sub.task).await;
+    publisher
+        .client
+        .publish("st/y", rumqttc::QoS::AtLeastOnce, false, "queued")
+        .await
+        .expect("publish");
+    let mut sub = v4(port, "st-sub", false, None).await;
+    assert_eq!(&sub.next_publish().await.payload[..], b"queued");
+    let _ = std::fs::remove_dir_all(&dir);
+}

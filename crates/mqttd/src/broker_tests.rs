@@ -1531,6 +1531,15 @@ const ACL: &str = "topic read public/#\n\
                    topic write fleet/bob\n\
                    pattern readwrite devices/%c/#\n";
 
+/// A retained QoS 0 PUBLISH.
+fn retained(topic: &str, payload: &str) -> Packet {
+    let mut p = publish(topic, QoS::AtMostOnce, 0, payload);
+    if let Packet::Publish(x) = &mut p {
+        x.retain = true;
+    }
+    p
+}
+
 fn with_acl() -> H {
     let mut h = H::new();
     h.b.set_acl(Some(
@@ -1619,26 +1628,8 @@ fn acl_filters_wide_subscriptions_retained_messages_and_queued_ones() {
     ));
     h.connect(1, user(connect(V5, "root"), "root"));
     h.send(1, publish("plant/admin/pin", QoS::AtMostOnce, 0, "1234"));
-    h.send(1, {
-        let mut p = Publish::new(
-            Topic::new("plant/admin/pin").expect("topic"),
-            QoS::AtMostOnce,
-            None,
-            Bytes::from_static(b"retained pin"),
-        );
-        p.retain = true;
-        Packet::Publish(p)
-    });
-    h.send(1, {
-        let mut p = Publish::new(
-            Topic::new("plant/temp").expect("topic"),
-            QoS::AtMostOnce,
-            None,
-            Bytes::from_static(b"retained temp"),
-        );
-        p.retain = true;
-        Packet::Publish(p)
-    });
+    h.send(1, retained("plant/admin/pin", "retained pin"));
+    h.send(1, retained("plant/temp", "retained temp"));
     h.out(1);
     // plant/# is covered by a read rule; the deny covers only part of it, so the
     // subscription is granted and the denied topics are filtered message by message,

@@ -105,6 +105,13 @@ fn suback(p: P5) -> Option<String> {
     }
 }
 
+fn delivery(p: P5) -> Option<r5::mqttbytes::v5::Publish> {
+    match p {
+        P5::Publish(p) => Some(p),
+        _ => None,
+    }
+}
+
 fn puback(p: P5) -> Option<String> {
     match p {
         P5::PubAck(a) => Some(format!("{:?}", a.reason)),
@@ -142,12 +149,7 @@ async fn acl_rules_decide_who_subscribes_publishes_and_receives() {
             .await
             .expect("publish");
     }
-    let p = next(&mut alice_rx, |p| match p {
-        P5::Publish(p) => Some(p),
-        _ => None,
-    })
-    .await
-    .expect("a delivery");
+    let p = next(&mut alice_rx, delivery).await.expect("a delivery");
     assert_eq!(
         (&p.topic[..], &p.payload[..]),
         (&b"fleet/ok"[..], &b"visible"[..])
@@ -272,12 +274,7 @@ async fn sighup_reloads_the_password_and_acl_files() {
         .await
         .expect("publish");
     // fleet/a was routed first: had it reached alice it would arrive first.
-    let p = next(&mut alice_rx, |p| match p {
-        P5::Publish(p) => Some(p),
-        _ => None,
-    })
-    .await
-    .expect("a delivery");
+    let p = next(&mut alice_rx, delivery).await.expect("a delivery");
     assert_eq!(&p.topic[..], b"news/b");
     // A broken file is refused and the rules in force stay.
     std::fs::write(&acl, "topic read a/#/b\n").expect("acl");

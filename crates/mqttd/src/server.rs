@@ -20,7 +20,10 @@
 //! - The core task is the only owner of the `Broker`. It never awaits a connection: it pushes
 //!   onto the connection's queue; a connection whose queue is full even for control packets is
 //!   killed. It hands transmits over once per batch of events, so a connection is woken once
-//!   with everything the batch produced for it.
+//!   with everything the batch produced for it. After a small batch (a lightly loaded broker)
+//!   it writes a TCP connection's packets to its socket itself when the connection has nothing
+//!   queued or in hand: a message then goes from the publisher's read to the subscriber's
+//!   socket without waking the subscriber's task, on whichever thread read it.
 //! - Shutdown: a `watch` flips; the listener stops accepting, the core sends DISCONNECT 0x8B to
 //!   5.0 clients and closes every connection; writers flush what is queued; `run` returns when
 //!   every connection task has ended (a counted drop of an mpsc sender) or the grace time is up.
@@ -517,12 +520,14 @@ fn accept_one(stream: tokio::net::TcpStream, peer: SocketAddr, ctx: &ConnContext
     if matches!(early, Early::Closed) {
         return false;
     }
+    // Shared with the core, which may write to it directly (see [`Outq`]).
+    let stream = Arc::new(stream);
     let conn = admission.conn;
     let start = match early {
         Early::Connect(connect) if ctx.checks_password(&connect) => Start::Verify(connect),
         Early::Connect(connect) => {
             let version = connect.protocol_version;
-            let queue = ConnQueue::new(queue_capacity(&ctx.limits));
+            let queue = ConnQueue::new(queue_capacity(&ctx.limits), version, Some(stream.clone()));
             let out = queue.0.clone();
             let event = Event::Connect {
                 conn,
@@ -572,28 +577,67 @@ struct TcpStart {
     peer: SocketAddr,
 }
 
-/// Serves one accepted TCP connection until it ends (its halves borrowed, not shared).
+/// Serves one accepted TCP connection until it ends. The socket is shared with the core (for
+/// its direct writes), so the task reads and writes it through `&TcpStream`.
 async fn serve_tcp(
-    mut stream: tokio::net::TcpStream,
+    stream: Arc<tokio::net::TcpStream>,
     ctx: ConnContext,
     admission: Admission,
     first: Box<TcpStart>,
 ) {
     let TcpStart { buf, start, peer } = *first;
     let conn = admission.conn;
-    let (rd, half) = stream.split();
-    let wr = TcpWriter { half, fresh: true };
-    serve_split(rd, wr, buf, start, peer, conn, &ctx).await;
+    let rd = TcpReader(&stream);
+    let wr = TcpWriter {
+        stream: &stream,
+        fresh: true,
+    };
+    serve_split(rd, wr, buf, start, peer, conn, Some(&stream), &ctx).await;
     drop(admission);
 }
 
-/// The write half of a TCP connection whose first write goes straight to the socket. A new
-/// connection's socket can always take its small CONNACK, but the runtime only lets a write
-/// through once epoll has reported the socket writable: when the CONNECT was read at accept,
-/// that would cost one more wait for the runtime's next epoll round (and a wake-up of the
-/// task) per connect. Later writes go through the runtime as usual.
+/// The read side of a shared TCP socket.
+struct TcpReader<'a>(&'a tokio::net::TcpStream);
+
+impl AsyncRead for TcpReader<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let want = buf.remaining();
+        loop {
+            std::task::ready!(self.0.poll_read_ready(cx))?;
+            // A read shorter than asked for emptied the socket: like tokio's own `poll_read`,
+            // forget the readiness (the outer `try_io` clears it on the WouldBlock we report
+            // for it, unless an event came in since), so the next poll waits for epoll
+            // instead of trying a read that would only find nothing.
+            let mut read = None;
+            let r = self.0.try_io(tokio::io::Interest::READABLE, || {
+                let n = self.0.try_read_buf(&mut *buf)?;
+                read = Some(n);
+                if n > 0 && n < want {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match (read, r) {
+                (Some(_), _) | (None, Ok(())) => return std::task::Poll::Ready(Ok(())),
+                (None, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                (None, Err(e)) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// The write side of a shared TCP socket, whose first write goes straight to the socket. A
+/// new connection's socket can always take its small CONNACK, but the runtime only lets a
+/// write through once epoll has reported the socket writable: when the CONNECT was read at
+/// accept, that would cost one more wait for the runtime's next epoll round (and a wake-up of
+/// the task) per connect. Later writes go through the runtime's readiness as usual.
 struct TcpWriter<'a> {
-    half: tokio::net::tcp::WriteHalf<'a>,
+    stream: &'a tokio::net::TcpStream,
     fresh: bool,
 }
 
@@ -606,13 +650,19 @@ impl AsyncWrite for TcpWriter<'_> {
         let this = &mut *self;
         if std::mem::take(&mut this.fresh) {
             use std::io::Write;
-            match (&*socket2::SockRef::from(this.half.as_ref())).write(buf) {
+            match (&*socket2::SockRef::from(this.stream)).write(buf) {
                 Ok(n) => return std::task::Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return std::task::Poll::Ready(Err(e)),
             }
         }
-        std::pin::Pin::new(&mut this.half).poll_write(cx, buf)
+        loop {
+            std::task::ready!(this.stream.poll_write_ready(cx))?;
+            match this.stream.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                r => return std::task::Poll::Ready(r),
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -621,25 +671,35 @@ impl AsyncWrite for TcpWriter<'_> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         self.fresh = false;
-        std::pin::Pin::new(&mut self.half).poll_write_vectored(cx, bufs)
+        loop {
+            std::task::ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write_vectored(bufs) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                r => return std::task::Poll::Ready(r),
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.half.is_write_vectored()
+        true
     }
 
     fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.half).poll_flush(cx)
+        // Writes go straight to the socket: nothing to flush.
+        std::task::Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.half).poll_shutdown(cx)
+        // What tokio's own TcpStream does: shut the write side down, now.
+        std::task::Poll::Ready(
+            socket2::SockRef::from(self.stream).shutdown(std::net::Shutdown::Write),
+        )
     }
 }
 
@@ -690,13 +750,15 @@ where
     let (rd, wr) = tokio::io::split(io);
     // Small at first: most connections are idle most of the time; it grows with the packets.
     let buf = BytesMut::with_capacity(READ_MIN);
-    serve_split(rd, wr, buf, Start::Handshake(None), peer, conn, &ctx).await;
+    serve_split(rd, wr, buf, Start::Handshake(None), peer, conn, None, &ctx).await;
     drop(ctx);
 }
 
 /// The handshake (unless the CONNECT went to the core at accept) and the password check (when
 /// one is due), then the connection: `buf` holds what was read already. One `drive` for every
-/// way in, so the task's future holds one, not one per way.
+/// way in, so the task's future holds one, not one per way. `direct`: a TCP socket the core
+/// may write to directly (see [`Outq`]).
+#[allow(clippy::too_many_arguments)]
 async fn serve_split<R, W>(
     mut rd: R,
     mut wr: W,
@@ -704,6 +766,7 @@ async fn serve_split<R, W>(
     start: Start,
     peer: SocketAddr,
     conn: ConnId,
+    direct: Option<&Arc<tokio::net::TcpStream>>,
     ctx: &ConnContext,
 ) where
     R: AsyncRead + Unpin,
@@ -730,11 +793,13 @@ async fn serve_split<R, W>(
         }
         Start::Handshake(None) => {
             match Box::pin(handshake(&mut rd, &mut wr, &mut buf, peer, ctx)).await {
-                Some(connect) => Box::pin(to_core(connect, &mut wr, peer, conn, ctx)).await,
+                Some(connect) => Box::pin(to_core(connect, &mut wr, peer, conn, direct, ctx)).await,
                 None => None,
             }
         }
-        Start::Verify(connect) => Box::pin(to_core(connect, &mut wr, peer, conn, ctx)).await,
+        Start::Verify(connect) => {
+            Box::pin(to_core(connect, &mut wr, peer, conn, direct, ctx)).await
+        }
     };
     let Some((out, version)) = admitted else {
         return;
@@ -749,6 +814,7 @@ async fn to_core<W: AsyncWrite + Unpin>(
     wr: &mut W,
     peer: SocketAddr,
     conn: ConnId,
+    direct: Option<&Arc<tokio::net::TcpStream>>,
     ctx: &ConnContext,
 ) -> Option<(Arc<Outq>, ProtocolVersion)> {
     let connect = if ctx.checks_password(&connect) {
@@ -757,7 +823,7 @@ async fn to_core<W: AsyncWrite + Unpin>(
         connect
     };
     let version = connect.protocol_version;
-    let queue = ConnQueue::new(queue_capacity(&ctx.limits));
+    let queue = ConnQueue::new(queue_capacity(&ctx.limits), version, direct.cloned());
     let out = queue.0.clone();
     let event = Event::Connect {
         conn,
@@ -914,6 +980,7 @@ async fn drive<R, W>(
     let max = ctx.limits.max_packet_size as usize;
     let mut outbox = Outbox::default();
     let mut taken = VecDeque::new();
+    let mut head = None;
     let mut phase = Phase::Both;
     let mut read_size = READ_MIN;
     // Set once the core handed over a Close (or let go): flush, then end.
@@ -974,10 +1041,13 @@ async fn drive<R, W>(
             drain_deadline = Some(Box::pin(tokio::time::sleep(Duration::from_secs(10))));
         }
         if outbox.is_empty() && !closing {
-            match out.take(&mut taken) {
+            match out.take(&mut taken, &mut head) {
                 Taken::Killed => break,
-                Taken::LetGo if taken.is_empty() => closing = true,
+                Taken::LetGo if taken.is_empty() && head.is_none() => closing = true,
                 _ => {}
+            }
+            if let Some(rest) = head.take() {
+                outbox.push_raw(rest);
             }
             for t in taken.drain(..) {
                 match t {
@@ -1062,16 +1132,31 @@ async fn drive<R, W>(
 /// under a lock taken once per packet by the core and once per batch by the connection (which
 /// swaps the whole queue out), instead of a channel with a preallocated block per connection.
 /// Empty and unallocated while the connection is idle.
+///
+/// A plain TCP connection also lends the core its socket (`direct`): while the core is lightly
+/// loaded and the connection has nothing queued or being written, the core writes a packet
+/// straight to the socket (what mosquitto does on its one thread) instead of waking the
+/// connection's task to write it: no task wake-up, often on another thread, between a message
+/// arriving and its delivery. The lock is held across that write, so the core and the task
+/// never write at once and bytes stay in order.
 #[derive(Debug)]
 pub struct Outq {
     state: std::sync::Mutex<OutqState>,
     ready: Notify,
     capacity: usize,
+    /// The protocol version packets are encoded in (for the core's direct writes).
+    version: ProtocolVersion,
+    /// The connection's socket, when the core may write to it directly.
+    direct: Option<Arc<tokio::net::TcpStream>>,
 }
 
 #[derive(Debug, Default)]
 struct OutqState {
     items: VecDeque<Transmit>,
+    /// The rest of a packet the core wrote only in part: goes out before `items`.
+    head: Option<Bytes>,
+    /// The connection task took packets and may still be writing them: the core queues.
+    busy: bool,
     /// The core let go: nothing more will come.
     let_go: bool,
     /// The connection could not keep up: end it now, unflushed.
@@ -1090,6 +1175,16 @@ enum Taken {
 #[derive(Debug)]
 struct Full;
 
+/// How [`Outq::send`] handed a transmit over.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// Queued for the connection's task.
+    Queued,
+    /// Written to the socket by the caller (`bytes`; `publish`: it was a PUBLISH), all of it
+    /// or the start of it with the rest left for the task.
+    Written { bytes: usize, publish: bool },
+}
+
 impl Outq {
     fn lock(&self) -> std::sync::MutexGuard<'_, OutqState> {
         // A panic while holding this lock leaves a plain queue behind: still usable.
@@ -1097,11 +1192,19 @@ impl Outq {
     }
 
     fn push(&self, t: Transmit) -> Result<(), Full> {
-        let mut s = self.lock();
+        let s = self.lock();
+        self.enqueue(s, t)
+    }
+
+    fn enqueue(
+        &self,
+        mut s: std::sync::MutexGuard<'_, OutqState>,
+        t: Transmit,
+    ) -> Result<(), Full> {
         if s.items.len() >= self.capacity {
             return Err(Full);
         }
-        let wake = s.items.is_empty();
+        let wake = s.items.is_empty() && s.head.is_none();
         s.items.push_back(t);
         drop(s);
         if wake {
@@ -1112,13 +1215,52 @@ impl Outq {
         Ok(())
     }
 
-    /// Swaps the queued packets into `into` (which must be empty).
-    fn take(&self, into: &mut VecDeque<Transmit>) -> Taken {
+    /// Writes `t` straight to the socket when `direct` is allowed, the connection lent its
+    /// socket and has nothing queued or in hand (so order is kept), else queues it. `scratch`
+    /// is the caller's encode buffer.
+    fn send(&self, t: Transmit, direct: bool, scratch: &mut BytesMut) -> Result<Sent, Full> {
+        let s = self.lock();
+        let (Some(stream), Transmit::Packet(packet)) = (&self.direct, &t) else {
+            return self.enqueue(s, t).map(|()| Sent::Queued);
+        };
+        if !direct || s.busy || s.killed || s.let_go || s.head.is_some() || !s.items.is_empty() {
+            return self.enqueue(s, t).map(|()| Sent::Queued);
+        }
+        scratch.clear();
+        if packet.encode(self.version, scratch).is_err() {
+            // The task encodes it again and reports the error.
+            return self.enqueue(s, t).map(|()| Sent::Queued);
+        }
+        use std::io::Write;
+        // A plain non-blocking write: the runtime's readiness is left alone (a WouldBlock
+        // here queues the packet, and the task's own write then waits for the socket).
+        match (&*socket2::SockRef::from(stream.as_ref())).write(scratch) {
+            Ok(n) if n > 0 => {
+                let publish = matches!(packet, Packet::Publish(_));
+                if n < scratch.len() {
+                    scratch.advance(n);
+                    let mut s = s;
+                    s.head = Some(scratch.split().freeze());
+                    drop(s);
+                    self.ready.notify_one();
+                }
+                Ok(Sent::Written { bytes: n, publish })
+            }
+            // Full socket buffer, or an error the task will meet on its own read or write.
+            _ => self.enqueue(s, t).map(|()| Sent::Queued),
+        }
+    }
+
+    /// Swaps the queued packets into `into` (which must be empty) and the rest of a packet
+    /// the core wrote in part into `head` (to be written first).
+    fn take(&self, into: &mut VecDeque<Transmit>, head: &mut Option<Bytes>) -> Taken {
         let mut s = self.lock();
         if s.killed {
             return Taken::Killed;
         }
         std::mem::swap(&mut s.items, into);
+        *head = s.head.take();
+        s.busy = !into.is_empty() || head.is_some();
         if s.let_go { Taken::LetGo } else { Taken::Open }
     }
 
@@ -1135,6 +1277,7 @@ impl Outq {
         let mut s = self.lock();
         s.killed = true;
         s.items = VecDeque::new();
+        s.head = None;
         drop(s);
         self.ready.notify_one();
     }
@@ -1150,11 +1293,17 @@ impl Outq {
 pub struct ConnQueue(Arc<Outq>);
 
 impl ConnQueue {
-    fn new(capacity: usize) -> Self {
+    fn new(
+        capacity: usize,
+        version: ProtocolVersion,
+        direct: Option<Arc<tokio::net::TcpStream>>,
+    ) -> Self {
         ConnQueue(Arc::new(Outq {
             state: std::sync::Mutex::new(OutqState::default()),
             ready: Notify::new(),
             capacity,
+            version,
+            direct,
         }))
     }
 }
@@ -1244,6 +1393,12 @@ impl Outbox {
         self.segments.push_back(self.buf.split().freeze());
         self.segments.push_back(payload);
         Ok(())
+    }
+
+    /// Bytes already encoded (the rest of a packet the core wrote in part), written first.
+    fn push_raw(&mut self, bytes: Bytes) {
+        self.len += bytes.len();
+        self.segments.push_back(bytes);
     }
 
     /// Nothing left to write.
@@ -1370,6 +1525,11 @@ async fn run_core(
     // Connections closed whose last packets are not handed over yet (with sync durability,
     // those of closes before a commit started wait in it); their handles go once they are.
     let mut closed = Vec::new();
+    let mut direct = Direct {
+        left: 0,
+        scratch: BytesMut::new(),
+        metrics: metrics.clone(),
+    };
     loop {
         tokio::select! {
             n = events.recv_many(&mut batch, 256) => {
@@ -1377,6 +1537,7 @@ async fn run_core(
                     break;
                 }
                 let now = Instant::now();
+                direct.round(n);
                 for ev in batch.drain(..) {
                     if let Event::Closed { conn } = ev {
                         // Packets for this connection from this batch (or, with sync
@@ -1392,13 +1553,13 @@ async fn run_core(
                 if !hold {
                     // Once per batch, not per event: a writer is woken once with everything
                     // the batch produced for it, and writes it in one go.
-                    dispatch(&mut broker, &mut handles, now);
+                    dispatch(&mut broker, &mut handles, &mut direct, now);
                     for conn in closed.drain(..) {
                         handles.remove(&conn);
                     }
                 }
                 if hold {
-                    sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
+                    sync_commit(&mut broker, &mut handles, &mut direct, &mut committing, &mut closed, now);
                 } else {
                     broker.flush_store();
                 }
@@ -1409,22 +1570,24 @@ async fn run_core(
                     continue;
                 }
                 let now = Instant::now();
+                direct.round(n);
                 for (conn, n) in written.drain(..) {
                     broker.handle_written(conn, n, now);
                 }
                 if hold {
-                    sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
+                    sync_commit(&mut broker, &mut handles, &mut direct, &mut committing, &mut closed, now);
                 } else {
-                    dispatch(&mut broker, &mut handles, now);
+                    dispatch(&mut broker, &mut handles, &mut direct, now);
                 }
             }
             result = crate::broker::committed(&mut committing) => {
                 if let Some(mut c) = committing.take() {
+                    direct.round(1);
                     let gone = broker.complete_commit(&mut c, result, hold, &mut closed);
                     if !c.is_empty() {
                         committing = Some(c);
                     }
-                    dispatch(&mut broker, &mut handles, Instant::now());
+                    dispatch(&mut broker, &mut handles, &mut direct, Instant::now());
                     for conn in gone {
                         handles.remove(&conn);
                     }
@@ -1432,29 +1595,34 @@ async fn run_core(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                direct.round(1);
                 broker.handle_timeout(now);
                 if hold {
-                    sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
+                    sync_commit(&mut broker, &mut handles, &mut direct, &mut committing, &mut closed, now);
                 } else {
-                    dispatch(&mut broker, &mut handles, now);
+                    dispatch(&mut broker, &mut handles, &mut direct, now);
                 }
             }
             _ = commit_tick.tick(), if periodic && committing.is_none() => {
                 committing = broker.start_commit();
-                dispatch(&mut broker, &mut handles, Instant::now());
+                direct.round(1);
+                dispatch(&mut broker, &mut handles, &mut direct, Instant::now());
             }
             _ = sys.tick(), if config.sys_interval.is_some() => {
                 let now = Instant::now();
+                direct.round(1);
                 broker.publish_sys(metrics.sys_topics(), now);
                 if hold {
-                    sync_commit(&mut broker, &mut handles, &mut committing, &mut closed, now);
+                    sync_commit(&mut broker, &mut handles, &mut direct, &mut committing, &mut closed, now);
                 } else {
-                    dispatch(&mut broker, &mut handles, now);
+                    dispatch(&mut broker, &mut handles, &mut direct, now);
                 }
             }
             _ = shutdown.changed() => {
                 tracing::info!(clients = broker.connected(), "shutting down");
                 let now = Instant::now();
+                // Everything goes through the tasks, which flush and close.
+                direct.round(usize::MAX);
                 broker.shutdown(now);
                 // The commit in flight (and those its completion starts) first, in order.
                 while let Some(mut c) = committing.take() {
@@ -1463,13 +1631,13 @@ async fn run_core(
                     if !c.is_empty() {
                         committing = Some(c);
                     }
-                    dispatch(&mut broker, &mut handles, now);
+                    dispatch(&mut broker, &mut handles, &mut direct, now);
                     for conn in gone {
                         handles.remove(&conn);
                     }
                 }
                 crate::store_redb::commit(&mut broker);
-                dispatch(&mut broker, &mut handles, now);
+                dispatch(&mut broker, &mut handles, &mut direct, now);
                 handles.clear();
                 break;
             }
@@ -1541,22 +1709,55 @@ fn handle_event(
 fn sync_commit(
     broker: &mut Broker<Box<dyn Store>>,
     handles: &mut FastMap<ConnId, ConnQueue>,
+    direct: &mut Direct,
     committing: &mut Option<InFlightCommit>,
     closed: &mut Vec<ConnId>,
     now: Instant,
 ) {
     broker.commit_held(committing, closed);
     // What is left in the broker's queue is free to go; what waits for the commit stays in it.
-    dispatch(broker, handles, now);
+    dispatch(broker, handles, direct, now);
     for conn in closed.drain(..) {
         handles.remove(&conn);
     }
 }
 
-/// Hands every pending transmit to its connection without ever waiting.
+/// The core's direct writes (see [`Outq`]): how many it may still make in this round, and its
+/// encode buffer.
+struct Direct {
+    left: usize,
+    scratch: BytesMut,
+    metrics: Arc<Metrics>,
+}
+
+/// A round of events this small means the core is keeping up easily: it writes what they
+/// produced itself (up to [`DIRECT_WRITES`] packets). Larger rounds, a busy broker, leave the
+/// writes to the connections' tasks, which run on every worker thread in parallel.
+const DIRECT_MAX_EVENTS: usize = 4;
+/// Direct writes per round at most.
+const DIRECT_WRITES: usize = 16;
+
+impl Direct {
+    /// Sets the direct-write allowance for a round of `events` events.
+    fn round(&mut self, events: usize) -> &mut Self {
+        self.left = if events <= DIRECT_MAX_EVENTS {
+            DIRECT_WRITES
+        } else {
+            0
+        };
+        if self.scratch.capacity() > READ_MAX {
+            self.scratch = BytesMut::new();
+        }
+        self
+    }
+}
+
+/// Hands every pending transmit to its connection without ever waiting: writes it to the
+/// socket directly while `direct` allows, else queues it for the connection's task.
 fn dispatch(
     broker: &mut Broker<Box<dyn Store>>,
     handles: &mut FastMap<ConnId, ConnQueue>,
+    direct: &mut Direct,
     now: Instant,
 ) {
     while let Some((conn, t)) = broker.poll_transmit() {
@@ -1564,11 +1765,19 @@ fn dispatch(
             continue;
         };
         let close = matches!(t, Transmit::Close);
-        match q.0.push(t) {
-            Ok(()) if close => {
+        match q.0.send(t, direct.left > 0, &mut direct.scratch) {
+            Ok(_) if close => {
                 handles.remove(&conn);
             }
-            Ok(()) => {}
+            Ok(Sent::Queued) => {}
+            Ok(Sent::Written { bytes, publish }) => {
+                direct.left -= 1;
+                Metrics::add(&direct.metrics.bytes_sent, bytes as u64);
+                if publish {
+                    // What the task reports for what it wrote (its credit).
+                    broker.handle_written(conn, 1, now);
+                }
+            }
             Err(Full) => {
                 tracing::warn!(conn, "connection cannot keep up; closing it");
                 if let Some(q) = handles.remove(&conn) {
@@ -1584,6 +1793,96 @@ fn dispatch(
 mod tests {
     use super::*;
     use mqttd_codec::{Publish, QoS, Topic, decode};
+
+    /// The core writes straight to an idle connection's socket, queues while the connection's
+    /// task holds packets it took, and what it queued reaches the peer after what it wrote.
+    #[tokio::test]
+    async fn the_core_writes_directly_only_while_the_connection_holds_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut peer = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (ours, _) = listener.accept().await.expect("accept");
+        let ours = Arc::new(ours);
+        let queue = ConnQueue::new(16, ProtocolVersion::V3_1_1, Some(ours.clone()));
+        let out = queue.0.clone();
+        let mut scratch = BytesMut::new();
+        let publish = |n: u8| {
+            Transmit::Packet(
+                Publish::new(
+                    Topic::new("t").expect("topic"),
+                    QoS::AtMostOnce,
+                    None,
+                    Bytes::from(vec![n; 3]),
+                )
+                .into(),
+            )
+        };
+        let sent = out.send(publish(1), true, &mut scratch).expect("room");
+        assert_eq!(
+            sent,
+            Sent::Written {
+                bytes: 8,
+                publish: true
+            }
+        );
+        // Not allowed this round: queued.
+        assert_eq!(
+            out.send(publish(2), false, &mut scratch).expect("room"),
+            Sent::Queued
+        );
+        // Something queued: the next one queues behind it even when allowed.
+        assert_eq!(
+            out.send(publish(3), true, &mut scratch).expect("room"),
+            Sent::Queued
+        );
+        let (mut taken, mut head) = (VecDeque::new(), None);
+        assert_eq!(out.take(&mut taken, &mut head), Taken::Open);
+        assert_eq!(taken.len(), 2);
+        // The task holds packets: the core queues until the task comes back for more.
+        assert_eq!(
+            out.send(publish(4), true, &mut scratch).expect("room"),
+            Sent::Queued
+        );
+        let mut outbox = Outbox::default();
+        for t in taken.drain(..) {
+            let Transmit::Packet(p) = t else {
+                panic!("a packet was queued")
+            };
+            outbox.push(p, ProtocolVersion::V3_1_1).expect("encode");
+        }
+        let mut wr = TcpWriter {
+            stream: &ours,
+            fresh: false,
+        };
+        outbox.write_to(&mut wr).await.expect("write");
+        assert_eq!(out.take(&mut taken, &mut head), Taken::Open);
+        assert_eq!(taken.len(), 1, "the fourth, queued while the task was busy");
+        taken.clear();
+        assert_eq!(out.take(&mut taken, &mut head), Taken::Open);
+        assert!(taken.is_empty());
+        // Idle again: written directly, after the others.
+        assert!(matches!(
+            out.send(publish(5), true, &mut scratch),
+            Ok(Sent::Written { .. })
+        ));
+        let mut got = BytesMut::new();
+        let mut payloads = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while payloads.len() < 4 && Instant::now() < deadline {
+            while let Some(p) = decode(&mut got, ProtocolVersion::V3_1_1, 1 << 20).expect("decode")
+            {
+                let Packet::Publish(p) = p else {
+                    panic!("only PUBLISH was sent")
+                };
+                payloads.push(p.payload[0]);
+            }
+            if payloads.len() < 4 {
+                let _ = tokio::time::timeout(Duration::from_secs(1), peer.read_buf(&mut got)).await;
+            }
+        }
+        // The fourth was taken by the "task" above and dropped unwritten: 1, 2, 3 then 5.
+        assert_eq!(payloads, vec![1, 2, 3, 5]);
+    }
 
     #[tokio::test]
     async fn large_payloads_are_written_from_shared_bytes_and_decode_the_same() {

@@ -51,7 +51,7 @@ const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const QUIC_ENDPOINTS: &str = "4";
 const USAGE: &str = "usage: cargo xtask bench broker [--duration-secs N] [--reps N] \
                      [--only broker,quic,storage] [--brokers mqttd,mosquitto,rumqttd,mqttv5] \
-                     [--cases ID,...] [--out DIR]\n       \
+                     [--cases ID,...] [--mqttd-threads 1|2|4] [--out DIR]\n       \
                      cargo xtask bench quic (mqttd-quic against quinn: throughput, handshakes/s, idle memory)";
 
 /// Entry point: `cargo xtask bench ARGS`.
@@ -83,6 +83,9 @@ struct Options {
     brokers: Vec<BrokerKind>,
     only: Vec<&'static str>,
     cases: Option<Vec<String>>,
+    /// Also run mqttd with this many worker threads, as one more contender of the broker
+    /// group (`--mqttd-threads`), next to mqttd with its default.
+    mqttd_threads: Option<usize>,
     out: PathBuf,
     command_line: String,
 }
@@ -100,6 +103,7 @@ impl Options {
             ],
             only: GROUPS.to_vec(),
             cases: None,
+            mqttd_threads: None,
             out: PathBuf::from("bench/results"),
             command_line: std::iter::once("cargo xtask bench broker".to_string())
                 .chain(args.iter().cloned())
@@ -145,6 +149,13 @@ impl Options {
                 }
                 "--cases" => {
                     o.cases = Some(value()?.split(',').map(str::to_string).collect());
+                }
+                "--mqttd-threads" => {
+                    let n = value()?
+                        .parse()
+                        .context("--mqttd-threads takes a thread count")?;
+                    threads_label(n)?;
+                    o.mqttd_threads = Some(n);
                 }
                 "--out" => o.out = PathBuf::from(value()?),
                 other => bail!("unknown option `{other}`; {USAGE}"),
@@ -208,6 +219,8 @@ struct Contender {
     broker: BrokerKind,
     wire: Wire,
     storage: Storage,
+    /// mqttd's `--worker-threads`; `None`: its default.
+    threads: Option<usize>,
 }
 
 const fn contender(label: &'static str, broker: BrokerKind, wire: Wire) -> Contender {
@@ -216,7 +229,18 @@ const fn contender(label: &'static str, broker: BrokerKind, wire: Wire) -> Conte
         broker,
         wire,
         storage: Storage::Memory,
+        threads: None,
     }
+}
+
+/// The column label of mqttd run with `n` worker threads (`--mqttd-threads`).
+fn threads_label(n: usize) -> Result<&'static str> {
+    Ok(match n {
+        1 => "mqttd 1 thread",
+        2 => "mqttd 2 threads",
+        4 => "mqttd 4 threads",
+        _ => bail!("--mqttd-threads takes 1, 2 or 4"),
+    })
 }
 
 /// What a case is judged by.
@@ -285,7 +309,7 @@ fn groups(duration: u64) -> Vec<Group> {
             stem: "broker-matrix",
             title: "Broker benchmark matrix",
             notes: &[
-                "Configs: loopback, anonymous, no persistence (mqttd `--storage memory`), 1024 inflight and 10^6 queued messages per client, no connect throttling, TCP_NODELAY as each broker's default.",
+                "Configs: loopback, anonymous, no persistence (mqttd `--storage memory`), 1024 inflight and 10^6 queued messages per client, no connect throttling, TCP_NODELAY as each broker's default. mqttd runs its default runtime (one worker thread per CPU); `--mqttd-threads N` adds a column `mqttd N thread(s)` with `--worker-threads N`.",
             ],
             contenders: vec![
                 contender("mqttd", Mqttd, Wire::Tcp),
@@ -589,6 +613,9 @@ fn start_broker(
                     "--max-connections",
                     "1000000",
                 ]);
+            if let Some(n) = who.threads {
+                cmd.args(["--worker-threads", &n.to_string()]);
+            }
             match who.storage {
                 // The same as mosquitto's `persistence false` and rumqttd.
                 Storage::Memory => cmd.args(["--storage", "memory"]),
@@ -865,6 +892,24 @@ fn broker_matrix(root: &Path, o: &Options) -> Result<()> {
     }
     // The selected groups, contenders (by --brokers) and cases.
     all.retain(|g| o.only.contains(&g.id));
+    if let Some(n) = o.mqttd_threads
+        && let Some(g) = all.iter_mut().find(|g| g.id == "broker")
+    {
+        let label = threads_label(n)?;
+        let at = g
+            .contenders
+            .iter()
+            .position(|c| c.label == "mqttd")
+            .map_or(0, |i| i + 1);
+        g.contenders.insert(
+            at,
+            Contender {
+                threads: Some(n),
+                ..contender(label, BrokerKind::Mqttd, Wire::Tcp)
+            },
+        );
+        g.ratios.insert(1, (label, "mosquitto"));
+    }
     for g in &mut all {
         g.contenders.retain(|c| o.brokers.contains(&c.broker));
         g.cases.retain(|c| {

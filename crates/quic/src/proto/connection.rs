@@ -189,6 +189,9 @@ struct Stream {
     closed: bool,
 }
 
+/// The most bytes one GSO send may carry (the kernel refuses a batch over 64 KiB).
+const GSO_MAX_BYTES: usize = 65_000;
+
 /// The least a stream's receive buffer grows by when a frame does not fit.
 const RECV_BUFFER_MIN: usize = 16 * 1024;
 
@@ -297,6 +300,11 @@ fn liberr_string(err: c_int) -> String {
     format!("{} ({err})", s.to_string_lossy())
 }
 
+/// UDP payload sizes Path MTU discovery probes, in order: ngtcp2's defaults (a Japanese fiber
+/// service's MTU, tunnels, the IPv6 minimum, PPPoE, less 48 bytes of IPv6 and UDP headers),
+/// jumbo frames, and the largest payload an IPv6 datagram carries (loopback).
+static PMTUD_PROBES: [u16; 8] = [1406, 1342, 1232, 1444, 8952, 16384, 32768, 65487];
+
 fn settings_for(config: &TransportConfig, now: Instant) -> sys::ngtcp2_settings {
     let mut settings = std::mem::MaybeUninit::<sys::ngtcp2_settings>::zeroed();
     // SAFETY: the pointer is valid for writes of one ngtcp2_settings of this version.
@@ -317,6 +325,11 @@ fn settings_for(config: &TransportConfig, now: Instant) -> sys::ngtcp2_settings 
     settings.max_tx_udp_payload_size = config
         .max_udp_payload_size
         .clamp(1200, sys::NGTCP2_MAX_TX_UDP_PAYLOAD_SIZE as usize);
+    // Path MTU discovery tries these sizes in order (those above the configured maximum are
+    // skipped; after a failure, only smaller ones): ngtcp2's defaults (the usual Internet
+    // MTUs), then jumbo frames and the loopback MTU, where one large datagram replaces dozens.
+    settings.pmtud_probes = PMTUD_PROBES.as_ptr();
+    settings.pmtud_probeslen = PMTUD_PROBES.len();
     settings.max_window = config.max_receive_window;
     settings.max_stream_window = config.max_stream_receive_window;
     settings.handshake_timeout = config.handshake_timeout.as_nanos() as u64;
@@ -1056,7 +1069,10 @@ impl Connection {
         let quantum = unsafe { sys::ngtcp2_conn_get_send_quantum(self.raw()) };
         // SAFETY: `conn` is live.
         let max_tx = unsafe { sys::ngtcp2_conn_get_max_tx_udp_payload_size(self.raw()) }.max(mtu);
-        let max_pkts = (quantum / mtu).clamp(1, max_datagrams);
+        // A GSO send carries at most 64 KiB: with a large path MTU, fewer segments fit.
+        let max_pkts = (quantum / mtu)
+            .clamp(1, max_datagrams)
+            .min((GSO_MAX_BYTES / mtu).max(1));
         // Each packet is written with room for `max_tx` bytes so ngtcp2 can emit Path MTU
         // probes; regular packets are at most `mtu` and form the GSO segments. Packets are
         // written into the spare capacity (no zeroing) and the length set afterwards.

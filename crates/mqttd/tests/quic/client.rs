@@ -191,6 +191,16 @@ impl QuicMqtt {
         self.conn.close_reason().is_none()
     }
 
+    /// The client's view of the connection, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "remote {}, close reason {:?}, {:?}",
+            self.conn.remote_address(),
+            self.conn.close_reason(),
+            self.conn.stats()
+        )
+    }
+
     /// Opens a data stream (multi-stream mode).
     pub async fn open_stream(&self) -> MqttStream {
         let (send, recv) = self.conn.open_bi().await.expect("open stream");

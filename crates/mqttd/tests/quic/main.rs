@@ -692,7 +692,16 @@ pub async fn move_mid_stream(broker: &Broker, nat: Option<&early::NatRelay>) {
     let before = ep.local_addr().expect("addr");
     let mut moved_at = None;
     while seen.len() < N as usize {
-        let p = sub.receive_publish().await;
+        // Bounded like every read (`WAIT`); a stall says where it happened.
+        let Ok(p) = tokio::time::timeout(client::WAIT, sub.receive_publish()).await else {
+            panic!(
+                "no message for {:?}: {} of {N} seen, moved at {moved_at:?}, NAT rebinds {:?}; {}",
+                client::WAIT,
+                seen.len(),
+                nat.map(|n| n.rebinds()),
+                sub.diagnostics()
+            );
+        };
         let n = u32::from_be_bytes(p.payload[..4].try_into().expect("4 bytes"));
         *seen.entry(n).or_default() += 1;
         if seen.len() == (N / 4) as usize && moved_at.is_none() {

@@ -136,9 +136,6 @@ impl Quic {
             // MQTT over QUIC uses bidirectional streams only, and no datagrams.
             max_concurrent_uni_streams: 0,
             max_datagram_frame_size: 0,
-            // Path MTU discovery up to the loopback MTU, like the broker: fewer, larger
-            // packets where the path carries them.
-            max_udp_payload_size: 65_487,
             qlog_dir: opts.qlog_dir.clone(),
             ..mqttd_quic::TransportConfig::default()
         });

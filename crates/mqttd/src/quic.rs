@@ -72,10 +72,6 @@ pub const STREAM_REFUSED: u64 = 0x103;
 /// Application error code closing a connection refused at `max_connections`.
 pub const CONNECTION_REFUSED: u64 = 0x2;
 
-/// The largest UDP payload the listener sends once Path MTU discovery has found a path
-/// that carries it (an IPv6 datagram's maximum: loopback).
-const LARGEST_UDP_PAYLOAD: usize = 65_487;
-
 /// File names of the generated certificate and key inside the data directory.
 const GENERATED_CERT: &str = "quic-cert.pem";
 const GENERATED_KEY: &str = "quic-key.pem";
@@ -240,9 +236,6 @@ fn server_config(
         max_concurrent_uni_streams: 0,
         // No unreliable-datagram extension yet (DESIGN.md: a later, opt-in extension).
         max_datagram_frame_size: 0,
-        // Path MTU discovery may go past the Internet's 1500 bytes where the path allows it
-        // (jumbo frames, loopback): fewer, larger packets for the same bytes.
-        max_udp_payload_size: LARGEST_UDP_PAYLOAD,
         ..TransportConfig::default()
     });
     server.retry = config.retry;

@@ -706,7 +706,15 @@ pub async fn move_mid_stream(broker: &Broker, nat: Option<&early::NatRelay>) {
         *seen.entry(n).or_default() += 1;
         if seen.len() == (N / 4) as usize && moved_at.is_none() {
             match nat {
-                Some(nat) => nat.rebind().await,
+                Some(nat) => {
+                    nat.rebind().await;
+                    // The broker learns the new binding only from the client's next packet; a
+                    // client that has read everything and acknowledged it before the rebind has
+                    // nothing left to send, and the broker's packets (and its loss probes) go
+                    // to the dead binding. A real client speaks again at its keep alive (or a
+                    // QUIC keep alive); here it does so at once instead of after 30 s.
+                    sub.send(Packet::PingReq).await;
+                }
                 None => {
                     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
                     ep.rebind(socket).expect("rebind");

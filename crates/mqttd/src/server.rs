@@ -1965,6 +1965,27 @@ mod tests {
         (running, listener)
     }
 
+    /// Shuts the broker down, failing the test if that takes longer than `within`.
+    async fn shut_down(running: Running, within: Duration) {
+        tokio::time::timeout(within, running.shutdown())
+            .await
+            .expect("shutdown in time");
+    }
+
+    /// The next packet from `client` is a CONNACK with `code`.
+    async fn expect_connack(
+        client: &mut tokio::net::TcpStream,
+        buf: &mut BytesMut,
+        v: ProtocolVersion,
+        code: ReasonCode,
+    ) {
+        let got = next_packet(client, buf, v).await;
+        assert!(
+            matches!(&got, Some(Packet::ConnAck(a)) if a.reason_code == code),
+            "expected CONNACK {code:?}, got {got:?}"
+        );
+    }
+
     /// Connects to `listener`, writes `first` in one write, accepts, and waits until the
     /// accepted socket is readable (the bytes of one small loopback write arrive together).
     async fn accepted_after(
@@ -2023,10 +2044,7 @@ mod tests {
             "the whole CONNECT was there: read at accept"
         );
         let mut buf = BytesMut::new();
-        assert!(matches!(
-            next_packet(&mut client, &mut buf, v).await,
-            Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success
-        ));
+        expect_connack(&mut client, &mut buf, v, ReasonCode::Success).await;
         assert!(matches!(
             next_packet(&mut client, &mut buf, v).await,
             Some(Packet::SubAck(_))
@@ -2036,9 +2054,7 @@ mod tests {
             Some(Packet::Publish(p)) if &p.payload[..] == b"came with the CONNECT"
         ));
         drop(client);
-        tokio::time::timeout(Duration::from_secs(10), running.shutdown())
-            .await
-            .expect("shutdown in time");
+        shut_down(running, Duration::from_secs(10)).await;
     }
 
     /// Part of a CONNECT at accept: the connection task reads the rest and answers.
@@ -2053,14 +2069,9 @@ mod tests {
         assert!(!accept_one(server, peer, &running.context()));
         client.write_all(&bytes[half..]).await.expect("write");
         let mut buf = BytesMut::new();
-        assert!(matches!(
-            next_packet(&mut client, &mut buf, v).await,
-            Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success
-        ));
+        expect_connack(&mut client, &mut buf, v, ReasonCode::Success).await;
         drop(client);
-        tokio::time::timeout(Duration::from_secs(10), running.shutdown())
-            .await
-            .expect("shutdown in time");
+        shut_down(running, Duration::from_secs(10)).await;
     }
 
     /// An invalid CONNECT read at accept gets the CONNACK its error calls for, then a close.
@@ -2073,18 +2084,19 @@ mod tests {
         let (mut client, server, peer) = accepted_after(&listener, &bytes).await;
         assert!(!accept_one(server, peer, &running.context()));
         let mut buf = BytesMut::new();
-        assert!(matches!(
-            next_packet(&mut client, &mut buf, v).await,
-            Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::UnsupportedProtocolVersion
-        ));
+        expect_connack(
+            &mut client,
+            &mut buf,
+            v,
+            ReasonCode::UnsupportedProtocolVersion,
+        )
+        .await;
         assert!(
             next_packet(&mut client, &mut buf, v).await.is_none(),
             "closed"
         );
         drop(client);
-        tokio::time::timeout(Duration::from_secs(10), running.shutdown())
-            .await
-            .expect("shutdown in time");
+        shut_down(running, Duration::from_secs(10)).await;
     }
 
     /// A connection is any byte stream: here an in-memory duplex pipe stands in for the QUIC
@@ -2174,9 +2186,7 @@ mod tests {
         drop(clients);
         // Every context clone must go for the shutdown to finish without waiting out the grace.
         drop(ctx);
-        tokio::time::timeout(Duration::from_secs(3), running.shutdown())
-            .await
-            .expect("shutdown in time");
+        shut_down(running, Duration::from_secs(3)).await;
     }
 }
 #[cfg(test)]

@@ -28,6 +28,9 @@ pub const OSSL_RECORD_PROTECTION_LEVEL_EARLY: u32 = 1;
 pub const OSSL_RECORD_PROTECTION_LEVEL_HANDSHAKE: u32 = 2;
 pub const OSSL_RECORD_PROTECTION_LEVEL_APPLICATION: u32 = 3;
 
+// `ssl.h`: `OSSL_HANDSHAKE_STATE` of a finished handshake (SSL_get_state).
+pub const TLS_ST_OK: c_int = 1;
+
 // `ssl.h`: SSL_get_early_data_status results.
 pub const SSL_EARLY_DATA_ACCEPTED: c_int = 2;
 
@@ -48,6 +51,7 @@ pub const EVP_KDF_HKDF_MODE_EXTRACT_ONLY: c_int = 1;
 pub const EVP_KDF_HKDF_MODE_EXPAND_ONLY: c_int = 2;
 
 unsafe extern "C" {
+    pub fn SSL_get_state(s: *const SSL) -> c_int;
     pub fn SSL_set_quic_tls_cbs(s: *mut SSL, qtdis: *const OsslDispatch, arg: *mut c_void)
     -> c_int;
     pub fn SSL_set_quic_tls_transport_params(

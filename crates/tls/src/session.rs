@@ -33,11 +33,29 @@ enum Role {
     },
 }
 
+/// What a server's session still answers once it released its OpenSSL state.
+struct Negotiated {
+    alpn: Option<Vec<u8>>,
+    server_name: Option<String>,
+    cipher_suite: Option<CipherSuite>,
+    group: Option<String>,
+    session_reused: bool,
+    early_data_accepted: bool,
+}
+
+/// The OpenSSL side of a session: live while the handshake runs (and, on a client, for the
+/// whole connection: session tickets arrive after the handshake); on a server, released once the
+/// handshake completed and its session tickets were handed to ngtcp2.
+enum State {
+    Live(Ssl),
+    Released(Box<Negotiated>),
+}
+
 /// One connection's TLS state; see the module docs for the ownership rules.
 pub struct TlsSession {
     // Declared first so it is freed first: OpenSSL may call back while freeing, and the callbacks
     // then find `conn_ref` detached and touch nothing else.
-    ssl: Ssl,
+    state: State,
     conn_ref: ngtcp2_crypto_conn_ref,
     role: Role,
     tx_level: ngtcp2_encryption_level,
@@ -53,6 +71,9 @@ pub struct TlsSession {
     error: Option<TlsError>,
     panic_in: Option<&'static str>,
 }
+
+/// TLS alert `unexpected_message`.
+const ALERT_UNEXPECTED_MESSAGE: u8 = 10;
 
 unsafe extern "C" fn get_conn(conn_ref: *mut ngtcp2_crypto_conn_ref) -> *mut ngtcp2_conn {
     // SAFETY: ngtcp2 passes back the conn_ref we own; user_data is the attached conn or null.
@@ -74,13 +95,12 @@ impl TlsSession {
     /// A server-side session for one incoming connection.
     pub fn server(config: &ServerConfig) -> Result<Box<TlsSession>, TlsError> {
         let ssl = Ssl::new(&config.inner.ctx)?;
+        let ptr = ssl.as_ptr();
         let session = Self::new(ssl, Role::Server)?;
         // SAFETY: the SSL is live and owned by the session.
         unsafe {
-            ffi::SSL_set_accept_state(session.ssl.as_ptr());
-            if config.inner.early_data
-                && SSL_set_quic_tls_early_data_enabled(session.ssl.as_ptr(), 1) != 1
-            {
+            ffi::SSL_set_accept_state(ptr);
+            if config.inner.early_data && SSL_set_quic_tls_early_data_enabled(ptr, 1) != 1 {
                 return Err(TlsError::Openssl(openssl::error::ErrorStack::get()));
             }
         }
@@ -119,13 +139,14 @@ impl TlsSession {
             key: server_name.to_owned(),
             early_attempted: false,
         };
+        let ptr = ssl.as_ptr();
         let mut session = Self::new(ssl, role)?;
         // SAFETY: live SSL owned by the session; early data can only be enabled once the QUIC TLS
         // callbacks are installed (OpenSSL checks that) and before the handshake starts.
         unsafe {
-            ffi::SSL_set_connect_state(session.ssl.as_ptr());
+            ffi::SSL_set_connect_state(ptr);
             if try_early
-                && SSL_set_quic_tls_early_data_enabled(session.ssl.as_ptr(), 1) == 1
+                && SSL_set_quic_tls_early_data_enabled(ptr, 1) == 1
                 && let Role::Client {
                     early_attempted, ..
                 } = &mut session.role
@@ -137,8 +158,9 @@ impl TlsSession {
     }
 
     fn new(ssl: Ssl, role: Role) -> Result<Box<TlsSession>, TlsError> {
+        let ptr = ssl.as_ptr();
         let mut session = Box::new(TlsSession {
-            ssl,
+            state: State::Live(ssl),
             conn_ref: ngtcp2_crypto_conn_ref {
                 get_conn: Some(get_conn),
                 user_data: ptr::null_mut(),
@@ -156,8 +178,7 @@ impl TlsSession {
         let arg: *mut TlsSession = &mut *session;
         // SAFETY: the dispatch table is static; `arg` points into the Box, which never moves and
         // outlives the SSL (the SSL is a field of it, freed first).
-        let ok =
-            unsafe { SSL_set_quic_tls_cbs(session.ssl.as_ptr(), DISPATCH.as_ptr(), arg.cast()) };
+        let ok = unsafe { SSL_set_quic_tls_cbs(ptr, DISPATCH.as_ptr(), arg.cast()) };
         if ok != 1 {
             return Err(TlsError::Openssl(openssl::error::ErrorStack::get()));
         }
@@ -197,32 +218,41 @@ impl TlsSession {
 
     /// The negotiated ALPN protocol, once the handshake got that far.
     pub fn alpn(&self) -> Option<Vec<u8>> {
-        self.ssl.selected_alpn_protocol().map(<[u8]>::to_vec)
+        match &self.state {
+            State::Live(ssl) => ssl.selected_alpn_protocol().map(<[u8]>::to_vec),
+            State::Released(n) => n.alpn.clone(),
+        }
     }
 
     /// The server name the client asked for (SNI), or the one this client connects to.
     pub fn server_name(&self) -> Option<String> {
-        match &self.role {
-            Role::Client { key, .. } => Some(key.clone()),
-            Role::Server => self
-                .ssl
+        match (&self.role, &self.state) {
+            (Role::Client { key, .. }, _) => Some(key.clone()),
+            (Role::Server, State::Live(ssl)) => ssl
                 .servername(openssl::ssl::NameType::HOST_NAME)
                 .map(str::to_owned),
+            (Role::Server, State::Released(n)) => n.server_name.clone(),
         }
     }
 
     /// The negotiated cipher suite.
     pub fn cipher_suite(&self) -> Option<CipherSuite> {
-        // For 0-RTT OpenSSL reports the resumed session's cipher here too.
-        let cipher = self.ssl.current_cipher()?;
-        CipherSuite::from_protocol_id(cipher.protocol_id())
+        match &self.state {
+            // For 0-RTT OpenSSL reports the resumed session's cipher here too.
+            State::Live(ssl) => CipherSuite::from_protocol_id(ssl.current_cipher()?.protocol_id()),
+            State::Released(n) => n.cipher_suite,
+        }
     }
 
     /// The negotiated key exchange group, once the handshake got that far, as OpenSSL names it
     /// (`"X25519MLKEM768"`, `"x25519"`, `"secp256r1"`, ...; compare case-insensitively).
     pub fn key_exchange_group(&self) -> Option<String> {
+        let ssl = match &self.state {
+            State::Live(ssl) => ssl,
+            State::Released(n) => return n.group.clone(),
+        };
         // SAFETY: plain getter on the live SSL; the result is null or a static NUL-terminated name.
-        let name = unsafe { SSL_get0_group_name(self.ssl.as_ptr()) };
+        let name = unsafe { SSL_get0_group_name(ssl.as_ptr()) };
         if name.is_null() {
             return None;
         }
@@ -231,9 +261,51 @@ impl TlsSession {
         Some(name.to_string_lossy().into_owned())
     }
 
+    /// Whether a server's session released its OpenSSL state (it does once the handshake
+    /// completed and its session tickets went out: an idle connection then holds no handshake
+    /// leftovers such as the peer's key share; what the getters report was kept).
+    pub fn is_released(&self) -> bool {
+        matches!(self.state, State::Released(_))
+    }
+
+    /// Server, handshake complete: keeps what the getters report and frees the SSL.
+    fn release(&mut self) {
+        let State::Live(ssl) = &self.state else {
+            return;
+        };
+        // SAFETY: plain setter on the live SSL. The connection is healthy: marking it shut down
+        // keeps OpenSSL from treating its session as bad (and dropping it from the cache) on free.
+        unsafe {
+            ffi::SSL_set_shutdown(
+                ssl.as_ptr(),
+                ffi::SSL_SENT_SHUTDOWN | ffi::SSL_RECEIVED_SHUTDOWN,
+            )
+        };
+        let negotiated = Negotiated {
+            alpn: self.alpn(),
+            server_name: self.server_name(),
+            cipher_suite: self.cipher_suite(),
+            group: self.key_exchange_group(),
+            session_reused: self.session_reused(),
+            early_data_accepted: self.early_data_accepted(),
+        };
+        // Callbacks OpenSSL makes while freeing find no connection and do nothing.
+        let conn = std::mem::replace(&mut self.conn_ref.user_data, ptr::null_mut());
+        self.state = State::Released(Box::new(negotiated));
+        self.conn_ref.user_data = conn;
+        self.rx = VecDeque::new();
+        self.rx_handed = 0;
+        self.rx_released = 0;
+        // OpenSSL held a pointer to these; the SSL is gone.
+        self.local_params = Vec::new();
+    }
+
     /// On a server, the key exchange groups the client offered (`SSL_get1_groups`), by name.
     fn offered_groups(&self) -> Vec<String> {
-        let ssl = self.ssl.as_ptr();
+        let State::Live(ssl) = &self.state else {
+            return Vec::new();
+        };
+        let ssl = ssl.as_ptr();
         // SAFETY: SSL_get1_groups with a null list returns the count only.
         let n = unsafe { ffi::SSL_ctrl(ssl, SSL_CTRL_GET_GROUPS, 0, ptr::null_mut()) };
         let Ok(n) = usize::try_from(n) else {
@@ -263,13 +335,21 @@ impl TlsSession {
 
     /// Whether the session resumed an earlier one (ticket accepted).
     pub fn session_reused(&self) -> bool {
-        self.ssl.session_reused()
+        match &self.state {
+            State::Live(ssl) => ssl.session_reused(),
+            State::Released(n) => n.session_reused,
+        }
     }
 
     /// Whether 0-RTT data was accepted (meaningful once the handshake completed).
     pub fn early_data_accepted(&self) -> bool {
-        // SAFETY: plain getter on the live SSL.
-        unsafe { SSL_get_early_data_status(self.ssl.as_ptr()) == SSL_EARLY_DATA_ACCEPTED }
+        match &self.state {
+            // SAFETY: plain getter on the live SSL.
+            State::Live(ssl) => unsafe {
+                SSL_get_early_data_status(ssl.as_ptr()) == SSL_EARLY_DATA_ACCEPTED
+            },
+            State::Released(n) => n.early_data_accepted,
+        }
     }
 
     /// Client: the 0-RTT transport parameters remembered for this server, if 0-RTT is attempted.
@@ -337,18 +417,20 @@ impl TlsSession {
             return;
         }
         let peer = self.peer();
+        let State::Live(ssl) = &self.state else {
+            return;
+        };
         let error = match self.alert_sent {
             Some(alert) => {
                 let mut detail = String::new();
-                let verify = self.ssl.verify_result();
+                let verify = ssl.verify_result();
                 if verify != X509VerifyResult::OK {
                     detail = format!(
                         ": certificate verification failed: {}",
                         verify.error_string()
                     );
                 } else if alert == 120 {
-                    let offered = self
-                        .ssl
+                    let offered = ssl
                         .ex_data(alpn_offer_index())
                         .map(|w| alpn_list(w))
                         .unwrap_or_default();
@@ -362,8 +444,7 @@ impl TlsSession {
                             SSL_R_NO_SUITABLE_KEY_SHARE | SSL_R_NO_SHARED_GROUPS
                         )
                 }) {
-                    let ours = self
-                        .ssl
+                    let ours = ssl
                         .ssl_context()
                         .ex_data(groups_index())
                         .cloned()
@@ -408,10 +489,28 @@ impl TlsSession {
     /// Feeds CRYPTO data from ngtcp2 to OpenSSL and drives the handshake (backend entry point).
     pub(crate) fn read_write_crypto_data(&mut self, conn: *mut ngtcp2_conn, data: &[u8]) -> c_int {
         self.maybe_panic("read_write_crypto_data");
+        let ssl = match &self.state {
+            State::Live(ssl) => ssl.as_ptr(),
+            // A released server session: the handshake is over and a QUIC client has nothing
+            // more to say to TLS (no KeyUpdate, no post-handshake authentication, RFC 9001 6
+            // and 4.4), so any post-handshake message is unexpected.
+            State::Released(_) if data.is_empty() => return 0,
+            State::Released(_) => {
+                self.alert_sent = Some(ALERT_UNEXPECTED_MESSAGE);
+                // SAFETY: conn is the live connection ngtcp2 is calling us for.
+                unsafe { ngtcp2_conn_set_tls_alert(conn, ALERT_UNEXPECTED_MESSAGE) };
+                self.error = Some(TlsError::AlertSent {
+                    peer: self.peer(),
+                    alert: ALERT_UNEXPECTED_MESSAGE,
+                    name: alert_name(ALERT_UNEXPECTED_MESSAGE),
+                    detail: ": a TLS message after the handshake".to_owned(),
+                });
+                return -1;
+            }
+        };
         if !data.is_empty() {
             self.rx.push_back(data.to_vec());
         }
-        let ssl = self.ssl.as_ptr();
         // SAFETY: conn is the live connection ngtcp2 is calling us for; ssl is ours.
         unsafe {
             if ngtcp2_conn_get_handshake_completed(conn) == 0 {
@@ -447,6 +546,15 @@ impl TlsSession {
                     }
                 }
             }
+            // A server's TLS is done once OpenSSL is back in TLS_ST_OK after the client's
+            // Finished (SSL_do_handshake above returns at the server's own Finished, so that
+            // 0.5-RTT data can flow): its session tickets went out as the last step, and ngtcp2
+            // copied them. The SSL, the peer's key share and the handshake buffers would sit idle
+            // for the rest of the connection, so they go now. A client keeps its SSL: tickets
+            // arrive after its handshake.
+            if self.is_server() && SSL_get_state(ssl) == TLS_ST_OK {
+                self.release();
+            }
         }
         0
     }
@@ -454,11 +562,15 @@ impl TlsSession {
     /// Hands our transport parameters to OpenSSL (backend entry point).
     pub(crate) fn set_local_transport_params(&mut self, params: &[u8]) -> c_int {
         // OpenSSL keeps the pointer: the bytes must live as long as the SSL.
+        let State::Live(ssl) = &self.state else {
+            return -1;
+        };
+        let ssl = ssl.as_ptr();
         self.local_params = params.to_vec();
         // SAFETY: local_params is owned by the session and outlives the SSL's use of it.
         let ok = unsafe {
             SSL_set_quic_tls_transport_params(
-                self.ssl.as_ptr(),
+                ssl,
                 self.local_params.as_ptr(),
                 self.local_params.len(),
             )

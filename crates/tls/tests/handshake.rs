@@ -41,6 +41,65 @@ fn handshake_and_stream_data_for_every_cipher_suite() {
 }
 
 #[test]
+fn a_server_frees_its_tls_state_after_the_handshake_and_refuses_later_tls_messages() {
+    let pki = TestPki::new();
+    let (mut client, mut server, result) = pair(&pki.client_config(MQTT), &pki.server_config(MQTT));
+    let mut tick = result.unwrap();
+    assert!(
+        server.tls.is_released(),
+        "an idle server connection keeps no OpenSSL state"
+    );
+    assert!(
+        !client.tls.is_released(),
+        "a client keeps its SSL: session tickets arrive after the handshake"
+    );
+    // What the application asks after the handshake is still answered.
+    assert_eq!(server.tls.alpn().as_deref(), Some(&b"mqtt"[..]));
+    assert_eq!(server.tls.server_name().as_deref(), Some("localhost"));
+    assert_eq!(server.tls.cipher_suite(), client.tls.cipher_suite());
+    assert!(server.tls.cipher_suite().is_some());
+    assert_eq!(
+        server.tls.key_exchange_group(),
+        client.tls.key_exchange_group()
+    );
+    assert!(!server.tls.session_reused() && !server.tls.early_data_accepted());
+
+    // The connection still carries data both ways (the 1-RTT keys live in ngtcp2).
+    let id = client.open_bidi();
+    client.outgoing.push((id, b"after the release".to_vec(), 0));
+    server.outgoing.push((id, b"still here".to_vec(), 0));
+    let mut to_server = client.send(tick).unwrap();
+    drive(&mut client, &mut server, &mut to_server, &mut tick).unwrap();
+    assert_eq!(server.received_on(id), b"after the release");
+    assert_eq!(client.received_on(id), b"still here");
+
+    // A TLS KeyUpdate in a 1-RTT CRYPTO frame is forbidden in QUIC (RFC 9001, 6): the server
+    // answers with alert 10 (unexpected_message) instead of handing it to a freed SSL.
+    let key_update = [24u8, 0, 0, 1, 0];
+    // SAFETY: live connection; ngtcp2 copies the data.
+    let rv = unsafe {
+        ngtcp2_conn_submit_crypto_data(
+            client.conn,
+            ngtcp2_encryption_level_NGTCP2_ENCRYPTION_LEVEL_1RTT,
+            key_update.as_ptr(),
+            key_update.len(),
+        )
+    };
+    assert_eq!(rv, 0, "submit_crypto_data");
+    tick += 1;
+    let datagrams = client.send(tick).unwrap();
+    assert!(!datagrams.is_empty());
+    let rvs: Vec<i32> = datagrams.iter().map(|d| server.recv(d, tick)).collect();
+    assert!(rvs.iter().any(|&rv| rv != 0), "server read_pkt: {rvs:?}");
+    assert_eq!(server.tls.alert_sent(), Some(10));
+    let text = server.tls.take_error().expect("recorded").to_string();
+    assert!(
+        text.contains("unexpected_message") && text.contains("after the handshake"),
+        "{text}"
+    );
+}
+
+#[test]
 fn key_update_keeps_the_connection_working() {
     let pki = TestPki::new();
     let (mut client, mut server, result) = pair(&pki.client_config(MQTT), &pki.server_config(MQTT));

@@ -4,11 +4,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 
@@ -54,7 +54,8 @@ impl Pacer {
 struct Dial<T: Transport> {
     transport: T,
     addr: SocketAddr,
-    opts: ConnectOpts,
+    /// Shared, not copied into every client's task.
+    opts: Arc<ConnectOpts>,
     pacer: Pacer,
     counters: Arc<Counters>,
 }
@@ -116,7 +117,7 @@ pub async fn run<T: Transport>(
     let dial = Dial {
         transport,
         addr,
-        opts: connect.clone(),
+        opts: Arc::new(connect.clone()),
         pacer: Pacer::new(&connect),
         counters: counters.clone(),
     };
@@ -159,29 +160,95 @@ fn bench_cpu(from: Option<Sample>, to: Option<Sample>) -> f64 {
 }
 
 /// Collects connect results: the CONNACK latencies and the errors.
+#[derive(Default)]
 struct Readiness {
-    latency: hdrhistogram::Histogram<u64>,
+    latency: Option<hdrhistogram::Histogram<u64>>,
     ok: u64,
     errors: Vec<String>,
 }
 
-async fn await_ready(rx: &mut mpsc::Receiver<Result<Duration, String>>, n: usize) -> Readiness {
-    let mut r = Readiness {
-        latency: new_histogram(),
-        ok: 0,
-        errors: Vec::new(),
-    };
-    for _ in 0..n {
-        match rx.recv().await {
-            Some(Ok(d)) => {
-                r.ok += 1;
-                r.latency.saturating_record((d.as_micros() as u64).max(1));
+/// Connect results gathered from every client without waking the collecting task once per
+/// client (a channel did: in a storm of thousands of connects that is a wake-up, often of
+/// another thread, per connect): each client records under a short lock, and the last one
+/// wakes the waiter.
+struct Tally {
+    state: std::sync::Mutex<Readiness>,
+    pending: AtomicUsize,
+    done: Notify,
+}
+
+impl Tally {
+    fn new(clients: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: std::sync::Mutex::new(Readiness {
+                latency: Some(new_histogram()),
+                ..Readiness::default()
+            }),
+            pending: AtomicUsize::new(clients),
+            done: Notify::new(),
+        })
+    }
+
+    /// A guard for one client: it reports once, and reports a failure if dropped without
+    /// having reported (the client's task ended some other way).
+    fn entry(self: &Arc<Self>) -> TallyEntry {
+        TallyEntry(Some(self.clone()))
+    }
+
+    fn record(&self, result: Result<Duration, String>) {
+        {
+            let mut r = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            match result {
+                Ok(d) => {
+                    r.ok += 1;
+                    if let Some(h) = r.latency.as_mut() {
+                        h.saturating_record((d.as_micros() as u64).max(1));
+                    }
+                }
+                Err(e) => r.errors.push(e),
             }
-            Some(Err(e)) => r.errors.push(e),
-            None => break,
+        }
+        if self.pending.fetch_sub(1, Relaxed) == 1 {
+            // `notify_one` keeps a permit when nobody waits yet: no lost wake-up.
+            self.done.notify_one();
         }
     }
-    r
+
+    /// Waits until every client reported; returns the results.
+    async fn wait(&self) -> Readiness {
+        if self.pending.load(Relaxed) > 0 {
+            self.done.notified().await;
+        }
+        std::mem::take(&mut *self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// One client's pending report to a [`Tally`].
+struct TallyEntry(Option<Arc<Tally>>);
+
+impl TallyEntry {
+    fn report(mut self, result: Result<Duration, String>) {
+        if let Some(t) = self.0.take() {
+            t.record(result);
+        }
+    }
+}
+
+impl Drop for TallyEntry {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.record(Err("a client's task ended before it connected".into()));
+        }
+    }
+}
+
+impl Readiness {
+    fn latency(&self) -> Percentiles {
+        self.latency
+            .as_ref()
+            .map(Percentiles::of)
+            .unwrap_or_default()
+    }
 }
 
 async fn run_messages<T: Transport>(
@@ -197,7 +264,7 @@ async fn run_messages<T: Transport>(
         .map(|p| PublishTemplate::new(p.topic.clone(), load.qos, load.size, version))
         .collect::<Result<Vec<_>>>()?;
     let n_clients = plan.publishers.len() + plan.subscribers.len();
-    let (ready_tx, mut ready_rx) = mpsc::channel(n_clients.max(1));
+    let tally = Tally::new(n_clients);
     let (start_tx, start_rx) = watch::channel(None::<Instant>);
     let (stop_tx, stop_rx) = watch::channel(false);
     let connect_began = Instant::now();
@@ -206,7 +273,7 @@ async fn run_messages<T: Transport>(
     for (i, spec) in plan.subscribers.iter().enumerate() {
         let (dial, ready, stop, filter, qos) = (
             dial.clone(),
-            ready_tx.clone(),
+            tally.entry(),
             stop_rx.clone(),
             spec.filter.clone(),
             load.qos,
@@ -219,12 +286,12 @@ async fn run_messages<T: Transport>(
             };
             match attempt.await {
                 Ok((conn, took)) => {
-                    let _ = ready.send(Ok(took)).await;
+                    ready.report(Ok(took));
                     run_subscriber(conn, i as u32, stop, &dial.counters).await
                 }
                 Err(e) => {
                     let msg = format!("subscriber {}: {e:#}", i + 1);
-                    let _ = ready.send(Err(msg.clone())).await;
+                    ready.report(Err(msg.clone()));
                     SubOutcome {
                         error: Some(msg),
                         ..SubOutcome::default()
@@ -237,7 +304,7 @@ async fn run_messages<T: Transport>(
     for (i, template) in templates.into_iter().enumerate() {
         let (dial, ready, mut start, stop, load) = (
             dial.clone(),
-            ready_tx.clone(),
+            tally.entry(),
             start_rx.clone(),
             stop_rx.clone(),
             load.clone(),
@@ -246,12 +313,12 @@ async fn run_messages<T: Transport>(
         pubs.push(tokio::spawn(async move {
             let conn = match dial.connect(k, "pub", i as u32 + 1).await {
                 Ok((conn, took)) => {
-                    let _ = ready.send(Ok(took)).await;
+                    ready.report(Ok(took));
                     conn
                 }
                 Err(e) => {
                     let msg = format!("publisher {}: {e:#}", i + 1);
-                    let _ = ready.send(Err(msg.clone())).await;
+                    ready.report(Err(msg.clone()));
                     return PubOutcome {
                         error: Some(msg),
                         ..PubOutcome::default()
@@ -273,9 +340,7 @@ async fn run_messages<T: Transport>(
             }
         }));
     }
-    drop(ready_tx);
-
-    let ready = await_ready(&mut ready_rx, n_clients).await;
+    let mut ready = tally.wait().await;
     let connected_at = Instant::now();
     let broker_from = broker.and_then(Proc::sample);
     let self_from = Proc::Current.sample();
@@ -355,7 +420,7 @@ async fn run_messages<T: Transport>(
             None => out.receipts.gaps(),
         };
     }
-    let mut errors: Vec<String> = ready.errors;
+    let mut errors: Vec<String> = std::mem::take(&mut ready.errors);
     for e in pub_results.iter().filter_map(|p| p.error.clone()) {
         if !errors.contains(&e) {
             errors.push(e);
@@ -384,7 +449,7 @@ async fn run_messages<T: Transport>(
         connected: ready.ok,
         connect_failures: (n_clients as u64).saturating_sub(ready.ok),
         connect_rate: rate(ready.ok, connect_secs),
-        connect_latency_us: Percentiles::of(&ready.latency),
+        connect_latency_us: ready.latency(),
         sent: sent_total,
         acked: pub_results.iter().map(|p| p.acked).sum(),
         rejected: pub_results.iter().map(|p| p.rejected).sum(),
@@ -415,28 +480,27 @@ async fn run_idle<T: Transport>(
     let self_from = Proc::Current.sample();
     let broker_cpu_from = broker.and_then(cpu_secs_precise);
     let self_cpu_from = cpu_secs_precise(Proc::Current);
-    let (ready_tx, mut ready_rx) = mpsc::channel(clients.max(1) as usize);
+    let tally = Tally::new(clients as usize);
     let (stop_tx, stop_rx) = watch::channel(false);
     let began = Instant::now();
     let mut tasks: Vec<JoinHandle<Option<String>>> = Vec::with_capacity(clients as usize);
     for i in 0..clients {
-        let (dial, ready, stop) = (dial.clone(), ready_tx.clone(), stop_rx.clone());
+        let (dial, ready, stop) = (dial.clone(), tally.entry(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             match dial.connect(u64::from(i), "conn", i + 1).await {
                 Ok((conn, took)) => {
-                    let _ = ready.send(Ok(took)).await;
+                    ready.report(Ok(took));
                     hold_idle(conn, stop).await
                 }
                 Err(e) => {
                     let msg = format!("client {}: {e:#}", i + 1);
-                    let _ = ready.send(Err(msg.clone())).await;
+                    ready.report(Err(msg.clone()));
                     Some(msg)
                 }
             }
         }));
     }
-    drop(ready_tx);
-    let ready = await_ready(&mut ready_rx, clients as usize).await;
+    let mut ready = tally.wait().await;
     let connect_secs = began.elapsed().as_secs_f64();
     let broker_cpu_to = broker.and_then(cpu_secs_precise);
     let self_cpu_to = cpu_secs_precise(Proc::Current);
@@ -454,7 +518,7 @@ async fn run_idle<T: Transport>(
     sleep(hold - settle).await;
     let self_to = Proc::Current.sample();
     let _ = stop_tx.send(true);
-    let mut errors = ready.errors;
+    let mut errors = std::mem::take(&mut ready.errors);
     for t in tasks {
         if let Ok(Some(e)) = t.await
             && !errors.contains(&e)
@@ -476,7 +540,7 @@ async fn run_idle<T: Transport>(
         } else {
             0.0
         },
-        connect_latency_us: Percentiles::of(&ready.latency),
+        connect_latency_us: ready.latency(),
         broker_cpu_us_per_connect,
         bench_cpu_us_per_connect,
         broker: usage,
@@ -485,4 +549,51 @@ async fn run_idle<T: Transport>(
         first_error: errors.into_iter().next(),
         ..Summary::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every client's result is counted once, failures keep their message, and a client
+    /// whose task ends without reporting counts as a failure instead of leaving the wait hung.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tally_counts_every_client_once_and_wakes_after_the_last() {
+        let tally = Tally::new(50);
+        let mut tasks = Vec::new();
+        for i in 0..50u64 {
+            let entry = tally.entry();
+            tasks.push(tokio::spawn(async move {
+                match i {
+                    7 => entry.report(Err("client 8: refused".into())),
+                    9 => drop(entry),
+                    _ => entry.report(Ok(Duration::from_micros(100 + i))),
+                }
+            }));
+        }
+        let ready = tokio::time::timeout(Duration::from_secs(10), tally.wait())
+            .await
+            .expect("every client reported in time");
+        assert_eq!(ready.ok, 48);
+        assert_eq!(ready.errors.len(), 2);
+        assert!(ready.errors.iter().any(|e| e == "client 8: refused"));
+        assert!(
+            ready
+                .errors
+                .iter()
+                .any(|e| e.contains("ended before it connected"))
+        );
+        assert_eq!(ready.latency().count, 48);
+        for t in tasks {
+            t.await.expect("task");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tally_of_no_clients_is_ready_at_once() {
+        let ready = tokio::time::timeout(Duration::from_secs(10), Tally::new(0).wait())
+            .await
+            .expect("ready at once");
+        assert_eq!((ready.ok, ready.errors.len()), (0, 0));
+    }
 }

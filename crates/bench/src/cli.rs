@@ -19,6 +19,13 @@ pub struct Cli {
     /// Worker threads of the generator [default: the number of CPUs].
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// Run the subscribers on a runtime of their own with this many worker threads, apart
+    /// from the publishers (as if they were another process): a delivery is then read when it
+    /// arrives, not after the publisher tasks queued on the same worker ran, which otherwise
+    /// adds the generator's own scheduling to the latency of a broker that answers quickly.
+    /// 0 (the default): one runtime for all clients.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub sub_threads: usize,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,

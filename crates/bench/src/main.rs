@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use mqttd_bench::cli::ConnectOpts;
 use mqttd_bench::cli::{Cli, TransportKind};
-use mqttd_bench::run::{resolve, run};
+use mqttd_bench::run::{resolve, run_with};
 use mqttd_bench::transport::{Quic, QuicOptions, Tcp, Trust, read_ca};
 
 fn main() -> ExitCode {
@@ -32,16 +32,35 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let subscribers = if cli.sub_threads > 0 {
+        match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .worker_threads(cli.sub_threads)
+            .thread_name("mqttd-bench-sub")
+            .build()
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("mqttd-bench: error: cannot start the subscribers' runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let sub_handle = subscribers.as_ref().map(|r| r.handle().clone());
     let json = output.json;
     let result = runtime.block_on(async {
         match connect.transport {
-            TransportKind::Tcp => run(Tcp, plan, connect, output).await,
+            TransportKind::Tcp => run_with(Tcp, plan, connect, output, sub_handle).await,
             TransportKind::Quic => {
                 let quic = quic_transport(&connect).await?;
-                run(quic, plan, connect, output).await
+                run_with(quic, plan, connect, output, sub_handle).await
             }
         }
     });
+    // Outside any runtime: a runtime may not be dropped from within one.
+    drop(subscribers);
     match result {
         Ok(summary) => {
             if json {

@@ -98,6 +98,17 @@ pub async fn run<T: Transport>(
     connect: ConnectOpts,
     output: OutputOpts,
 ) -> Result<Summary> {
+    run_with(transport, plan, connect, output, None).await
+}
+
+/// [`run`], with the subscribers' tasks on `subscribers` (another runtime) when given.
+pub async fn run_with<T: Transport>(
+    transport: T,
+    plan: Plan,
+    connect: ConnectOpts,
+    output: OutputOpts,
+    subscribers: Option<tokio::runtime::Handle>,
+) -> Result<Summary> {
     let addr = resolve(&connect).await?;
     let transport_name = transport.name();
     let counters = Arc::new(Counters::default());
@@ -122,7 +133,7 @@ pub async fn run<T: Transport>(
         counters: counters.clone(),
     };
     let mut summary = match plan.kind {
-        Kind::Messages => run_messages(dial, &plan, broker).await?,
+        Kind::Messages => run_messages(dial, &plan, broker, subscribers).await?,
         Kind::Idle { clients } => run_idle(dial, &plan, clients, broker).await?,
     };
     let _ = stop_progress.send(true);
@@ -255,7 +266,9 @@ async fn run_messages<T: Transport>(
     dial: Dial<T>,
     plan: &Plan,
     broker: Option<Proc>,
+    subscribers: Option<tokio::runtime::Handle>,
 ) -> Result<Summary> {
+    let sub_runtime = subscribers.unwrap_or_else(tokio::runtime::Handle::current);
     let load = plan.load.clone();
     let version = dial.opts.mqtt.protocol();
     let templates = plan
@@ -278,7 +291,7 @@ async fn run_messages<T: Transport>(
             spec.filter.clone(),
             load.qos,
         );
-        subs.push(tokio::spawn(async move {
+        subs.push(sub_runtime.spawn(async move {
             let attempt = async {
                 let (mut conn, took) = dial.connect(i as u64, "sub", i as u32 + 1).await?;
                 conn.subscribe(filter, qos).await?;

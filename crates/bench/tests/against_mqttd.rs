@@ -76,6 +76,25 @@ async fn qos1_scenarios_against_mqttd_count_every_message_once() {
     no_drops(&broker, &s);
     assert_exactly_once(&s, 4000);
 
+    // Subscribers on a runtime of their own (`--sub-threads`): the same exact count.
+    let s = bench_async(
+        port,
+        &[
+            "pairs",
+            "--pairs",
+            "4",
+            "-q",
+            "1",
+            "-n",
+            "1000",
+            "--sub-threads",
+            "2",
+        ],
+    )
+    .await;
+    no_drops(&broker, &s);
+    assert_exactly_once(&s, 4000);
+
     let s = bench_async(port, &["conn", "-c", "200", "-d", "0.3"]).await;
     assert_eq!(n(&s, "connected"), 200, "{s}");
     broker.shutdown().await;

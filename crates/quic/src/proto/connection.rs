@@ -305,6 +305,13 @@ fn liberr_string(err: c_int) -> String {
 /// jumbo frames, and the largest payload an IPv6 datagram carries (loopback).
 static PMTUD_PROBES: [u16; 8] = [1406, 1342, 1232, 1444, 8952, 16384, 32768, 65487];
 
+/// Below this smoothed RTT the connection is not paced. The drivers' timers (tokio's) fire on
+/// whole milliseconds: on such a path a pacing gap (tens of microseconds on loopback) becomes a
+/// sleep to the next millisecond tick, so the pacer, not the congestion window, sets the rate.
+/// Packets then leave as the congestion window allows, at most one send quantum per batch.
+/// Longer paths, where bursts matter and a millisecond is small against the RTT, stay paced.
+const PACING_MIN_RTT: Duration = Duration::from_millis(5);
+
 fn settings_for(config: &TransportConfig, now: Instant) -> sys::ngtcp2_settings {
     let mut settings = std::mem::MaybeUninit::<sys::ngtcp2_settings>::zeroed();
     // SAFETY: the pointer is valid for writes of one ngtcp2_settings of this version.
@@ -1235,8 +1242,10 @@ impl Connection {
             unsafe { buf.set_len(len) };
             t.size = len;
             t.segment_size = (count > 1).then_some(mtu);
-            // SAFETY: `conn` is live.
-            unsafe { sys::ngtcp2_conn_update_pkt_tx_time(self.raw(), ts) };
+            if self.smoothed_rtt() >= PACING_MIN_RTT {
+                // SAFETY: `conn` is live.
+                unsafe { sys::ngtcp2_conn_update_pkt_tx_time(self.raw(), ts) };
+            }
             result = Some(t);
         } else {
             buf.clear();
@@ -1669,8 +1678,7 @@ impl Connection {
 
     // ---- misc ----------------------------------------------------------------------------
 
-    /// Current statistics.
-    pub fn stats(&self) -> Stats {
+    fn conn_info(&self) -> sys::ngtcp2_conn_info {
         let mut info = std::mem::MaybeUninit::<sys::ngtcp2_conn_info>::zeroed();
         // SAFETY: `conn` is live; the pointer is valid for writes of one ngtcp2_conn_info.
         unsafe {
@@ -1681,7 +1689,16 @@ impl Connection {
             )
         };
         // SAFETY: filled in above (and zero-initialised before).
-        let i = unsafe { info.assume_init() };
+        unsafe { info.assume_init() }
+    }
+
+    fn smoothed_rtt(&self) -> Duration {
+        Duration::from_nanos(self.conn_info().smoothed_rtt)
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> Stats {
+        let i = self.conn_info();
         Stats {
             rtt: Duration::from_nanos(i.smoothed_rtt),
             min_rtt: Duration::from_nanos(i.min_rtt),

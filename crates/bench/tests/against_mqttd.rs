@@ -45,39 +45,53 @@ async fn bench_async(port: u16, args: &'static [&'static str]) -> serde_json::Va
         .expect("mqttd-bench runner")
 }
 
+/// Runs the generator and asserts that the broker dropped nothing and that every one of the
+/// `expected` QoS 1 messages was counted exactly once.
+async fn exactly_once(
+    broker: &mqttd::server::Running,
+    port: u16,
+    args: &'static [&'static str],
+    expected: u64,
+) {
+    let s = bench_async(port, args).await;
+    no_drops(broker, &s);
+    assert_exactly_once(&s, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_scenarios_against_mqttd_count_every_message_once() {
     let broker = start_mqttd().await;
     let port = broker.mqtt_addr.port();
 
-    let s = bench_async(
+    exactly_once(
+        &broker,
         port,
         &["fan-in", "--publishers", "4", "-q", "1", "-n", "2000"],
+        8000,
     )
     .await;
-    no_drops(&broker, &s);
-    assert_exactly_once(&s, 8000);
 
-    let s = bench_async(
+    exactly_once(
+        &broker,
         port,
         &["fan-out", "--subscribers", "3", "-q", "1", "-n", "1000"],
+        3000,
     )
     .await;
-    no_drops(&broker, &s);
-    assert_exactly_once(&s, 3000);
 
-    let s = bench_async(
+    exactly_once(
+        &broker,
         port,
         &[
             "pairs", "--pairs", "4", "-q", "1", "-n", "1000", "--mqtt", "5",
         ],
+        4000,
     )
     .await;
-    no_drops(&broker, &s);
-    assert_exactly_once(&s, 4000);
 
     // Subscribers on a runtime of their own (`--sub-threads`): the same exact count.
-    let s = bench_async(
+    exactly_once(
+        &broker,
         port,
         &[
             "pairs",
@@ -90,10 +104,9 @@ async fn qos1_scenarios_against_mqttd_count_every_message_once() {
             "--sub-threads",
             "2",
         ],
+        4000,
     )
     .await;
-    no_drops(&broker, &s);
-    assert_exactly_once(&s, 4000);
 
     let s = bench_async(port, &["conn", "-c", "200", "-d", "0.3"]).await;
     assert_eq!(n(&s, "connected"), 200, "{s}");
@@ -150,7 +163,8 @@ async fn qos1_over_quic_against_mqttd_counts_every_message_once() {
     no_drops(&broker, &s);
     assert_exactly_once(&s, 8000);
 
-    let s = bench_async(
+    exactly_once(
+        &broker,
         port,
         &[
             "pairs",
@@ -167,10 +181,9 @@ async fn qos1_over_quic_against_mqttd_counts_every_message_once() {
             "5",
             "--persistent",
         ],
+        4000,
     )
     .await;
-    no_drops(&broker, &s);
-    assert_exactly_once(&s, 4000);
 
     let s = bench_async(
         port,

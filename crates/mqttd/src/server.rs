@@ -121,6 +121,9 @@ pub struct ConnContext {
     /// event channel is bounded in events, this bounds it in bytes, so clients flooding big
     /// messages while the core is busy wait for room instead of filling memory.
     ingress: Arc<Semaphore>,
+    /// The core's state, for packets a connection task handles itself ([`ConnContext::inline`]);
+    /// `None` for a context without a core (tests).
+    core: Option<Arc<SharedCore>>,
 }
 
 /// Size of the ingress budget in KiB: 64 MiB, or four of the largest packets allowed if that
@@ -181,6 +184,7 @@ impl ConnContext {
             _alive: alive,
             auth: None,
             ingress: Arc::new(Semaphore::new(ingress_kib)),
+            core: None,
         }
     }
 
@@ -188,6 +192,46 @@ impl ConnContext {
     /// goes to the core.
     fn checks_password(&self, connect: &Connect) -> bool {
         self.auth.is_some() && connect.username.is_some()
+    }
+
+    /// Handles `ev`, a packet of the connection whose queue is `out`, right here in the
+    /// connection's task instead of sending it to the core task, when that keeps the
+    /// connection's order and costs no wait: the core has nothing of this connection still to
+    /// handle, nothing at all in its channel (a lightly loaded broker), and its lock is free.
+    /// A lightly loaded broker so does what mosquitto does on its one thread: read a PUBLISH,
+    /// route it, write the PUBACK and the delivery (directly, see [`Outq`]), with no hop to
+    /// the core task and back, and no wake-up of another worker thread for it. Gives `ev`
+    /// back when it must go through the channel.
+    fn inline(&self, out: &Outq, ev: Event) -> Option<Event> {
+        let Some(core) = &self.core else {
+            return Some(ev);
+        };
+        if !core.inline
+            || out.to_core.load(Ordering::Acquire) != 0
+            || self.events.capacity() < self.events.max_capacity()
+        {
+            return Some(ev);
+        }
+        // Busy (the core task or another connection holds it) or poisoned: the channel.
+        let Ok(mut state) = core.state.try_lock() else {
+            return Some(ev);
+        };
+        let Some(st) = state.as_mut() else {
+            return Some(ev);
+        };
+        let now = Instant::now();
+        let CoreState {
+            broker,
+            handles,
+            direct,
+            inlined,
+        } = st;
+        *inlined += 1;
+        direct.round(1);
+        handle_event(broker, handles, ev, now, &self.ingress);
+        dispatch(broker, handles, direct, now);
+        broker.flush_store();
+        None
     }
 
     /// The limits every connection runs under (another listener reads its timeouts here).
@@ -391,6 +435,22 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
         tracing::info!(file = %path.display(), "topic access rules on");
         broker.set_acl(Some(acl));
     }
+    let hold = broker.is_durable() && config.durability == Durability::Sync;
+    let shared = Arc::new(SharedCore {
+        state: std::sync::Mutex::new(Some(CoreState {
+            broker,
+            handles: FastMap::default(),
+            direct: Direct {
+                left: 0,
+                scratch: BytesMut::new(),
+                metrics: metrics.clone(),
+            },
+            inlined: 0,
+        })),
+        // With sync durability every batch's acknowledgements wait for a commit the core task
+        // tracks: everything goes through it.
+        inline: !hold,
+    });
     let (events_tx, events_rx) = mpsc::channel(8192);
     let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
     let (credits_tx, credits_rx) = mpsc::unbounded_channel();
@@ -404,9 +464,10 @@ pub async fn start_with_store(config: Config, store: Box<dyn Store>) -> std::io:
         _alive: alive_tx,
         auth,
         ingress: Arc::new(Semaphore::new(ingress_budget_kib(&config.limits))),
+        core: Some(shared.clone()),
     };
     let core = tokio::spawn(run_core(
-        broker,
+        shared,
         events_rx,
         credits_rx,
         shutdown_rx.clone(),
@@ -991,6 +1052,7 @@ async fn drive<R, W>(
         if phase == Phase::Both {
             // Decode everything buffered before waiting again. The event is built before the
             // send is awaited, so no decoded packet sits in the task across that await.
+            let mut decoded = 0usize;
             loop {
                 let budget_kib = match budget_of(&buf) {
                     Some(kib) => {
@@ -1008,11 +1070,24 @@ async fn drive<R, W>(
                     None => 0,
                 };
                 let ev = match decode(&mut buf, version, max) {
-                    Ok(Some(packet)) => Event::Packet {
-                        conn,
-                        packet,
-                        budget_kib,
-                    },
+                    Ok(Some(packet)) => {
+                        decoded += 1;
+                        let ev = Event::Packet {
+                            conn,
+                            packet,
+                            budget_kib,
+                        };
+                        // The one packet a read brought (a lightly loaded connection) may be
+                        // handled right here; reads of several go to the core in one batch.
+                        if decoded == 1 && buf.is_empty() {
+                            match ctx.inline(out, ev) {
+                                Some(ev) => ev,
+                                None => continue,
+                            }
+                        } else {
+                            ev
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(%peer, conn, error = %e, "malformed packet");
@@ -1023,6 +1098,7 @@ async fn drive<R, W>(
                         }
                     }
                 };
+                out.sending();
                 if !send_event(&ctx.events, ev).await {
                     break 'conn;
                 }
@@ -1035,6 +1111,7 @@ async fn drive<R, W>(
             // The core drops this connection's queue on Closed once it has handed over what
             // it had for it; that is flushed below, then the task ends.
             closed_sent = true;
+            out.sending();
             if !send_event(&ctx.events, Event::Closed { conn }).await {
                 break;
             }
@@ -1075,22 +1152,23 @@ async fn drive<R, W>(
             outbox.release();
         }
         if phase == Phase::Both && buf.is_empty() && read_size == READ_MIN {
-            // Nothing buffered and a quiet peer: hold only the small buffer a read takes
-            // anyway (tokio's `read_buf` reserves 64 bytes before it polls the socket), not a
-            // larger one, and not a fresh one per wake-up (an allocation and a free each).
+            // Nothing buffered and a quiet peer: hold at most a small buffer while waiting
+            // (`read_some` reads into a stack chunk when there is little room), not a larger
+            // one.
             if buf.capacity() > IDLE_READ_BUF {
                 buf = BytesMut::new();
             }
         } else if buf.capacity() - buf.len() < read_size / 2 {
             buf.reserve(read_size);
         }
-        let spare = buf.capacity() - buf.len();
+        // What one read may fill: the buffer's spare room, or a stack chunk (`read_some`).
+        let room = (buf.capacity() - buf.len()).max(READ_MIN);
         tokio::select! {
-            r = rd.read_buf(&mut buf), if phase == Phase::Both => match r {
+            r = read_some(&mut rd, &mut buf), if phase == Phase::Both => match r {
                 Ok(0) | Err(_) => phase = Phase::Draining,
                 Ok(n) => {
                     Metrics::add(&ctx.metrics.bytes_received, n as u64);
-                    read_size = next_read_size(read_size, n, spare.max(64));
+                    read_size = next_read_size(read_size, n, room);
                 }
             },
             w = outbox.write_some(&mut wr), if !outbox.is_empty() => match w {
@@ -1117,6 +1195,7 @@ async fn drive<R, W>(
         }
     }
     if !closed_sent {
+        out.sending();
         send_event(&ctx.events, Event::Closed { conn }).await;
     }
     if !out.is_killed() {
@@ -1126,6 +1205,29 @@ async fn drive<R, W>(
         })
         .await;
     }
+}
+
+/// One read from `rd` into `buf`; resolves to the bytes read (0: the peer closed). With less
+/// than [`READ_MIN`] bytes of room in `buf` (an idle connection keeps almost none), the read
+/// lands in a stack chunk of that size and is copied after: a small packet then takes one
+/// read syscall, where `read_buf` on an empty buffer reserves only 64 bytes and a typical
+/// PUBLISH needed a second read (and a second poll) for its tail.
+fn read_some<'a, R: AsyncRead + Unpin>(
+    rd: &'a mut R,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if buf.capacity() - buf.len() >= READ_MIN {
+            let read = rd.read_buf(&mut *buf);
+            tokio::pin!(read);
+            return read.poll(cx);
+        }
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_MIN];
+        let mut chunk = tokio::io::ReadBuf::uninit(&mut chunk);
+        std::task::ready!(std::pin::Pin::new(&mut *rd).poll_read(cx, &mut chunk))?;
+        buf.extend_from_slice(chunk.filled());
+        std::task::Poll::Ready(Ok(chunk.filled().len()))
+    })
 }
 
 /// One connection's outgoing packets, from the core to the connection task: a plain queue
@@ -1148,6 +1250,10 @@ pub struct Outq {
     version: ProtocolVersion,
     /// The connection's socket, when the core may write to it directly.
     direct: Option<Arc<tokio::net::TcpStream>>,
+    /// Events of this connection sent to the core task that it has not handled yet (from 1:
+    /// the queue is made for the CONNECT's event). While any are on their way, the
+    /// connection's packets go the same way, in order ([`ConnContext::inline`]).
+    to_core: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -1285,6 +1391,16 @@ impl Outq {
     fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.ready.notified()
     }
+
+    /// The connection task is sending an event to the core task.
+    fn sending(&self) {
+        self.to_core.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The core task handled one of the connection's events.
+    fn handled(&self) {
+        self.to_core.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// The core's handle on one connection's [`Outq`]; dropping it tells the connection that
@@ -1304,6 +1420,7 @@ impl ConnQueue {
             capacity,
             version,
             direct,
+            to_core: std::sync::atomic::AtomicUsize::new(1),
         }))
     }
 }
@@ -1316,7 +1433,7 @@ impl Drop for ConnQueue {
 
 /// The smallest read a connection asks for (and its first buffer's size).
 const READ_MIN: usize = 512;
-/// The read buffer an idle connection keeps: what `read_buf` reserves for an empty `BytesMut`.
+/// The read buffer an idle connection keeps at most (it reads into a stack chunk, [`read_some`]).
 const IDLE_READ_BUF: usize = 64;
 /// The largest: a busy publisher's packets arrive in reads this large, not one syscall each.
 const READ_MAX: usize = 64 * 1024;
@@ -1495,8 +1612,52 @@ fn write_varint(buf: &mut BytesMut, mut v: usize) {
     }
 }
 
+/// What the core owns: the broker, the connections' queues, the direct writes' state. Behind
+/// one lock ([`SharedCore`]) taken by the core task once per batch of events and by a
+/// connection task that handles one packet itself ([`ConnContext::inline`]); never held across
+/// an await.
+struct CoreState {
+    broker: Broker<Box<dyn Store>>,
+    handles: FastMap<ConnId, ConnQueue>,
+    direct: Direct,
+    /// Packets connection tasks handled themselves (tests check the path is taken).
+    inlined: u64,
+}
+
+/// The core's state, shared by the core task and the connection tasks; `None` once the core
+/// task has taken it to shut down (nothing is handled inline after that).
+struct SharedCore {
+    state: std::sync::Mutex<Option<CoreState>>,
+    /// Whether connection tasks may handle packets themselves (not with sync durability,
+    /// whose commits the core task tracks).
+    inline: bool,
+}
+
+impl std::fmt::Debug for SharedCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCore")
+            .field("inline", &self.inline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedCore {
+    /// Runs `f` on the state under the lock; `None` once the state was taken.
+    fn with<R>(&self, f: impl FnOnce(&mut CoreState) -> R) -> Option<R> {
+        // A panic under this lock ended the core task too; what is left is still consistent
+        // enough to drop.
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.as_mut().map(f)
+    }
+
+    /// Takes the state out: from now on only the caller handles events.
+    fn take(&self) -> Option<CoreState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 async fn run_core(
-    mut broker: Broker<Box<dyn Store>>,
+    shared: Arc<SharedCore>,
     mut events: mpsc::Receiver<Event>,
     mut credits: mpsc::UnboundedReceiver<(ConnId, usize)>,
     mut shutdown: watch::Receiver<bool>,
@@ -1506,7 +1667,6 @@ async fn run_core(
 ) {
     let mut written = Vec::with_capacity(256);
     let mut credits_open = true;
-    let mut handles: FastMap<ConnId, ConnQueue> = FastMap::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sys_every = config.sys_interval.unwrap_or(Duration::from_secs(3600));
@@ -1517,19 +1677,15 @@ async fn run_core(
     // whole batch durable (group commit; see broker_commit.rs for what waits). The store's
     // writer thread commits while this task goes on with the next events, whose
     // acknowledgements wait for the next commit, started when the one in flight completes.
-    let hold = broker.is_durable() && config.durability == Durability::Sync;
-    let periodic = broker.is_durable() && config.durability == Durability::Periodic;
+    let hold = !shared.inline;
+    let periodic = shared.with(|st| st.broker.is_durable()).unwrap_or(false)
+        && config.durability == Durability::Periodic;
     let mut commit_tick = tokio::time::interval(config.commit_interval);
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut committing: Option<InFlightCommit> = None;
     // Connections closed whose last packets are not handed over yet (with sync durability,
     // those of closes before a commit started wait in it); their handles go once they are.
     let mut closed = Vec::new();
-    let mut direct = Direct {
-        left: 0,
-        scratch: BytesMut::new(),
-        metrics: metrics.clone(),
-    };
     loop {
         tokio::select! {
             n = events.recv_many(&mut batch, 256) => {
@@ -1537,31 +1693,48 @@ async fn run_core(
                     break;
                 }
                 let now = Instant::now();
-                direct.round(n);
-                for ev in batch.drain(..) {
-                    if let Event::Closed { conn } = ev {
-                        // Packets for this connection from this batch (or, with sync
-                        // durability, held for the commit: a CONNACK, a DISCONNECT with its
-                        // reason code) still go out: its writer flushes what it was handed
-                        // once the handle is dropped.
-                        broker.handle_closed(conn, CloseReason::NetworkError, now);
-                        closed.push(conn);
-                        continue;
+                let done = shared.with(|st| {
+                    let CoreState { broker, handles, direct, .. } = st;
+                    direct.round(n);
+                    for ev in batch.drain(..) {
+                        match &ev {
+                            Event::Connect { queue, .. } => queue.0.handled(),
+                            Event::Packet { conn, .. }
+                            | Event::ProtocolError { conn, .. }
+                            | Event::Closed { conn } => {
+                                if let Some(q) = handles.get(conn) {
+                                    q.0.handled();
+                                }
+                            }
+                            Event::Written { .. } | Event::Acl(_) => {}
+                        }
+                        if let Event::Closed { conn } = ev {
+                            // Packets for this connection from this batch (or, with sync
+                            // durability, held for the commit: a CONNACK, a DISCONNECT with its
+                            // reason code) still go out: its writer flushes what it was handed
+                            // once the handle is dropped.
+                            broker.handle_closed(conn, CloseReason::NetworkError, now);
+                            closed.push(conn);
+                            continue;
+                        }
+                        handle_event(broker, handles, ev, now, &ingress);
                     }
-                    handle_event(&mut broker, &mut handles, ev, now, &ingress);
-                }
-                if !hold {
-                    // Once per batch, not per event: a writer is woken once with everything
-                    // the batch produced for it, and writes it in one go.
-                    dispatch(&mut broker, &mut handles, &mut direct, now);
-                    for conn in closed.drain(..) {
-                        handles.remove(&conn);
+                    if !hold {
+                        // Once per batch, not per event: a writer is woken once with everything
+                        // the batch produced for it, and writes it in one go.
+                        dispatch(broker, handles, direct, now);
+                        for conn in closed.drain(..) {
+                            handles.remove(&conn);
+                        }
                     }
-                }
-                if hold {
-                    sync_commit(&mut broker, &mut handles, &mut direct, &mut committing, &mut closed, now);
-                } else {
-                    broker.flush_store();
+                    if hold {
+                        sync_commit(broker, handles, direct, &mut committing, &mut closed, now);
+                    } else {
+                        broker.flush_store();
+                    }
+                });
+                if done.is_none() {
+                    break;
                 }
             }
             n = credits.recv_many(&mut written, 256), if credits_open => {
@@ -1570,55 +1743,74 @@ async fn run_core(
                     continue;
                 }
                 let now = Instant::now();
-                direct.round(n);
-                for (conn, n) in written.drain(..) {
-                    broker.handle_written(conn, n, now);
-                }
-                if hold {
-                    sync_commit(&mut broker, &mut handles, &mut direct, &mut committing, &mut closed, now);
-                } else {
-                    dispatch(&mut broker, &mut handles, &mut direct, now);
-                }
+                shared.with(|st| {
+                    let CoreState { broker, handles, direct, .. } = st;
+                    direct.round(n);
+                    for (conn, n) in written.drain(..) {
+                        broker.handle_written(conn, n, now);
+                    }
+                    if hold {
+                        sync_commit(broker, handles, direct, &mut committing, &mut closed, now);
+                    } else {
+                        dispatch(broker, handles, direct, now);
+                    }
+                });
             }
             result = crate::broker::committed(&mut committing) => {
                 if let Some(mut c) = committing.take() {
-                    direct.round(1);
-                    let gone = broker.complete_commit(&mut c, result, hold, &mut closed);
+                    shared.with(|st| {
+                        let CoreState { broker, handles, direct, .. } = st;
+                        direct.round(1);
+                        let gone = broker.complete_commit(&mut c, result, hold, &mut closed);
+                        dispatch(broker, handles, direct, Instant::now());
+                        for conn in gone {
+                            handles.remove(&conn);
+                        }
+                    });
                     if !c.is_empty() {
                         committing = Some(c);
-                    }
-                    dispatch(&mut broker, &mut handles, &mut direct, Instant::now());
-                    for conn in gone {
-                        handles.remove(&conn);
                     }
                 }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                direct.round(1);
-                broker.handle_timeout(now);
-                if hold {
-                    sync_commit(&mut broker, &mut handles, &mut direct, &mut committing, &mut closed, now);
-                } else {
-                    dispatch(&mut broker, &mut handles, &mut direct, now);
-                }
+                shared.with(|st| {
+                    let CoreState { broker, handles, direct, .. } = st;
+                    direct.round(1);
+                    broker.handle_timeout(now);
+                    if hold {
+                        sync_commit(broker, handles, direct, &mut committing, &mut closed, now);
+                    } else {
+                        dispatch(broker, handles, direct, now);
+                    }
+                });
             }
             _ = commit_tick.tick(), if periodic && committing.is_none() => {
-                committing = broker.start_commit();
-                direct.round(1);
-                dispatch(&mut broker, &mut handles, &mut direct, Instant::now());
+                shared.with(|st| {
+                    let CoreState { broker, handles, direct, .. } = st;
+                    committing = broker.start_commit();
+                    direct.round(1);
+                    dispatch(broker, handles, direct, Instant::now());
+                });
             }
             _ = sys.tick(), if config.sys_interval.is_some() => {
                 let now = Instant::now();
-                direct.round(1);
-                broker.publish_sys(metrics.sys_topics(), now);
-                if hold {
-                    sync_commit(&mut broker, &mut handles, &mut direct, &mut committing, &mut closed, now);
-                } else {
-                    dispatch(&mut broker, &mut handles, &mut direct, now);
-                }
+                shared.with(|st| {
+                    let CoreState { broker, handles, direct, .. } = st;
+                    direct.round(1);
+                    broker.publish_sys(metrics.sys_topics(), now);
+                    if hold {
+                        sync_commit(broker, handles, direct, &mut committing, &mut closed, now);
+                    } else {
+                        dispatch(broker, handles, direct, now);
+                    }
+                });
             }
             _ = shutdown.changed() => {
+                // From here on the core task alone holds the state.
+                let Some(CoreState { mut broker, mut handles, mut direct, .. }) = shared.take() else {
+                    break;
+                };
                 tracing::info!(clients = broker.connected(), "shutting down");
                 let now = Instant::now();
                 // Everything goes through the tasks, which flush and close.
@@ -1643,6 +1835,8 @@ async fn run_core(
             }
         }
     }
+    // The broker (and its store) goes now, not with the last connection's context.
+    drop(shared.take());
     // Keep draining events so no connection task blocks on a full channel while it ends.
     let deadline = tokio::time::sleep(config.shutdown_grace);
     tokio::pin!(deadline);
@@ -1949,6 +2143,130 @@ mod tests {
                 return None;
             }
         }
+    }
+
+    /// QoS 1 messages of one publisher reach the subscriber exactly once and in order, and each
+    /// gets its PUBACK in order, when the publisher's packets take both ways to the broker's
+    /// core: one at a time (handled inline by the connection's task while the core is idle)
+    /// and in bursts of many per write (sent to the core task), switching between the two
+    /// while the burst's packets may still be on their way to the core.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn qos1_order_holds_across_inline_and_core_handling() {
+        use mqttd_codec::{PacketId, PubAck, Subscribe, SubscribeFilter, SubscriptionOptions};
+        use tokio::io::AsyncWriteExt;
+        let v = ProtocolVersion::V3_1_1;
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            http_listen: None,
+            storage: crate::config::StorageKind::Memory,
+            ..Config::default()
+        };
+        let running = start(config).await.expect("start");
+        let addr = running.mqtt_addr;
+        let (mut sub, mut sub_buf) = (
+            tokio::net::TcpStream::connect(addr).await.expect("connect"),
+            BytesMut::new(),
+        );
+        sub.write_all(&connect_bytes(v, "order-sub"))
+            .await
+            .expect("write");
+        expect_connack(&mut sub, &mut sub_buf, v, ReasonCode::Success).await;
+        let subscribe = Subscribe {
+            packet_id: PacketId::new(1).expect("id"),
+            filters: vec![SubscribeFilter {
+                filter: mqttd_codec::TopicFilter::new("order/t").expect("filter"),
+                options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+            }],
+            properties: Default::default(),
+        };
+        sub.write_all(&Packet::Subscribe(subscribe).to_bytes(v).expect("encode"))
+            .await
+            .expect("write");
+        let got = next_packet(&mut sub, &mut sub_buf, v).await;
+        assert!(matches!(got, Some(Packet::SubAck(_))), "got {got:?}");
+        let (mut publ, mut pub_buf) = (
+            tokio::net::TcpStream::connect(addr).await.expect("connect"),
+            BytesMut::new(),
+        );
+        publ.write_all(&connect_bytes(v, "order-pub"))
+            .await
+            .expect("write");
+        expect_connack(&mut publ, &mut pub_buf, v, ReasonCode::Success).await;
+        let publish = |i: u16| {
+            let p = Publish::new(
+                Topic::new("order/t").expect("topic"),
+                QoS::AtLeastOnce,
+                PacketId::new(i),
+                Bytes::copy_from_slice(&i.to_be_bytes()),
+            );
+            Packet::Publish(p).to_bytes(v).expect("encode")
+        };
+        const ROUNDS: u16 = 20;
+        const BURST: u16 = 30;
+        let mut next = 1u16;
+        let mut acked = Vec::new();
+        for _ in 0..ROUNDS {
+            // One alone, answered before the next is sent: the core is idle.
+            publ.write_all(&publish(next)).await.expect("write");
+            next += 1;
+            let got = next_packet(&mut publ, &mut pub_buf, v).await;
+            let Some(Packet::PubAck(a)) = got else {
+                panic!("expected PUBACK, got {got:?}");
+            };
+            acked.push(a.packet_id.get());
+            // A burst in one write, then one more right behind it without waiting.
+            let mut burst = Vec::new();
+            for _ in 0..BURST {
+                burst.extend_from_slice(&publish(next));
+                next += 1;
+            }
+            publ.write_all(&burst).await.expect("write");
+            publ.write_all(&publish(next)).await.expect("write");
+            next += 1;
+            for _ in 0..=BURST {
+                let got = next_packet(&mut publ, &mut pub_buf, v).await;
+                let Some(Packet::PubAck(a)) = got else {
+                    panic!("expected PUBACK, got {got:?}");
+                };
+                acked.push(a.packet_id.get());
+            }
+        }
+        let sent: Vec<u16> = (1..next).collect();
+        assert_eq!(acked, sent, "every PUBACK once, in order");
+        // The subscriber acknowledges as it reads (its PUBACKs also go either way).
+        let mut delivered = Vec::new();
+        while delivered.len() < sent.len() {
+            let got = next_packet(&mut sub, &mut sub_buf, v).await;
+            let Some(Packet::Publish(p)) = got else {
+                panic!("expected PUBLISH, got {got:?}");
+            };
+            let pid = p.packet_id.expect("QoS 1 has an id");
+            sub.write_all(
+                &Packet::PubAck(PubAck::new(pid))
+                    .to_bytes(v)
+                    .expect("encode"),
+            )
+            .await
+            .expect("write");
+            delivered.push(u16::from_be_bytes([p.payload[0], p.payload[1]]));
+        }
+        assert_eq!(delivered, sent, "every message once, in order");
+        // Nothing more comes (no duplicate after the last one).
+        let mut extra = [0u8; 1];
+        use tokio::io::AsyncReadExt;
+        let more = tokio::time::timeout(Duration::from_millis(300), sub.read(&mut extra)).await;
+        assert!(more.is_err(), "nothing after the last message: {more:?}");
+        let inlined = running
+            .ctx
+            .core
+            .as_ref()
+            .and_then(|c| c.with(|st| st.inlined))
+            .expect("the core runs");
+        assert!(
+            inlined > 0,
+            "some packets were handled by their connection's task"
+        );
+        shut_down(running, Duration::from_secs(10)).await;
     }
 
     /// A broker, plus a listener of the test's own whose accepted sockets the test hands to

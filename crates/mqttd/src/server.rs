@@ -17,13 +17,20 @@
 //! - Idle connections hold almost nothing: no read or encode buffer while nothing arrives or
 //!   is sent, an empty queue, the handshake's state boxed apart and freed. Busy ones read in
 //!   chunks that grow to 64 KiB.
-//! - The core task is the only owner of the `Broker`. It never awaits a connection: it pushes
-//!   onto the connection's queue; a connection whose queue is full even for control packets is
-//!   killed. It hands transmits over once per batch of events, so a connection is woken once
-//!   with everything the batch produced for it. After a small batch (a lightly loaded broker)
-//!   it writes a TCP connection's packets to its socket itself when the connection has nothing
-//!   queued or in hand: a message then goes from the publisher's read to the subscriber's
-//!   socket without waking the subscriber's task, on whichever thread read it.
+//! - The core's state (the `Broker`, the connections' queues) sits behind one lock that is
+//!   never held across an await. The core task takes it once per batch of events. It never
+//!   awaits a connection: it pushes onto the connection's queue; a connection whose queue is
+//!   full even for control packets is killed. It hands transmits over once per batch of
+//!   events, so a connection is woken once with everything the batch produced for it. After a
+//!   small batch (a lightly loaded broker) it writes a TCP connection's packets to its socket
+//!   itself when the connection has nothing queued or in hand: a message then goes from the
+//!   publisher's read to the subscriber's socket without waking the subscriber's task.
+//! - A lightly loaded broker skips the core task too: a connection task whose read brought a
+//!   single packet, with none of its earlier events still on their way to the core and the
+//!   core's channel empty, takes the lock if it is free and handles the packet itself
+//!   (`ConnContext::inline`), as mosquitto does on its one thread: read, route, write the
+//!   delivery and the PUBACK, on the thread that read it. Anything else (several packets in a
+//!   read, a busy core, sync durability) goes through the channel, in order per connection.
 //! - Shutdown: a `watch` flips; the listener stops accepting, the core sends DISCONNECT 0x8B to
 //!   5.0 clients and closes every connection; writers flush what is queued; `run` returns when
 //!   every connection task has ended (a counted drop of an mpsc sender) or the grace time is up.

@@ -136,6 +136,9 @@ impl Quic {
             // MQTT over QUIC uses bidirectional streams only, and no datagrams.
             max_concurrent_uni_streams: 0,
             max_datagram_frame_size: 0,
+            // As the broker's listener: large datagrams once a connection carries bulk data,
+            // where the path allows them (loopback).
+            max_udp_payload_size: 65_487,
             qlog_dir: opts.qlog_dir.clone(),
             ..mqttd_quic::TransportConfig::default()
         });

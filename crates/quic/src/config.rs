@@ -73,6 +73,9 @@ pub struct TransportConfig {
     /// 32768 and 65487 (the loopback MTU); a probe the path drops ends the search upwards
     /// (without congestion penalty). Larger datagrams carry the same data in fewer packets,
     /// so fewer per-packet costs (encryption, ACKs, system calls) on paths that allow them.
+    /// Probes past 1452 bytes wait until the connection sent and received 256 KiB: both ends
+    /// keep buffers as large as the largest packet (ngtcp2 never shrinks its decryption
+    /// buffer), which idle connections are spared.
     pub max_udp_payload_size: usize,
     /// Versions in order of preference; the first is what a client starts with.
     pub versions: Vec<Version>,

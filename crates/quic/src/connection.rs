@@ -298,7 +298,9 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
             reason = ?st.proto.close_reason(),
             rtt = ?stats.rtt,
             sent_bytes = stats.sent_bytes,
+            sent_packets = stats.sent_packets,
             recv_bytes = stats.recv_bytes,
+            recv_packets = stats.recv_packets,
             lost_packets = stats.lost_packets,
             "connection drained"
         );

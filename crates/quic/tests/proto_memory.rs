@@ -21,6 +21,8 @@ struct Pair {
     buf: Vec<u8>,
     delivered: usize,
     dropped: usize,
+    /// The largest datagram each side sent: client, server.
+    largest: [usize; 2],
 }
 
 impl Pair {
@@ -51,6 +53,7 @@ impl Pair {
             buf: Vec::new(),
             delivered: 0,
             dropped: 0,
+            largest: [0; 2],
         }
     }
 
@@ -90,6 +93,7 @@ impl Pair {
             moved = true;
             let data = std::mem::take(&mut self.buf);
             for seg in data[..t.size].chunks(t.segment_size.unwrap_or(t.size)) {
+                self.largest[0] = self.largest[0].max(seg.len());
                 if self.rng.chance(self.loss_percent) {
                     self.dropped += 1;
                     continue;
@@ -107,6 +111,7 @@ impl Pair {
             while let Some(t) = server.poll_transmit(self.now, &mut self.buf, 10) {
                 moved = true;
                 for seg in self.buf[..t.size].chunks(t.segment_size.unwrap_or(t.size)) {
+                    self.largest[1] = self.largest[1].max(seg.len());
                     if self.rng.chance(self.loss_percent) {
                         self.dropped += 1;
                         continue;
@@ -273,5 +278,106 @@ fn echo_survives_ten_percent_loss() {
         dropped > 10,
         "loss simulation dropped only {dropped} of {}",
         delivered + dropped
+    );
+}
+
+/// Path MTU discovery past the usual Internet sizes waits until a connection carried data in
+/// bulk: an idle connection keeps to packets of at most 1452 bytes (so neither side holds
+/// buffers for larger ones), and one that moved a megabyte probes further and then sends large
+/// datagrams, on a path (here: memory) that carries them.
+#[test]
+fn large_datagrams_only_after_bulk_data() {
+    let pki = Pki::new();
+    let mut pair = Pair::new(&pki, 0, 5);
+    let transport = std::sync::Arc::new(mqttd_quic::TransportConfig {
+        max_udp_payload_size: 65487,
+        ..support::transport()
+    });
+    let mut client_cfg = pki.client_config();
+    client_cfg.transport = transport.clone();
+    pair.server_cfg.transport = transport;
+    pair.client = Connection::client(
+        &client_cfg,
+        "localhost",
+        Path {
+            local: pair.client_addr,
+            remote: pair.server_addr,
+        },
+        pair.now,
+        [1; 32],
+    )
+    .expect("client");
+    let mut handshake = false;
+    for _ in 0..100_000 {
+        pair.step();
+        if drain_events(&mut pair.client).contains(&Event::HandshakeCompleted) {
+            handshake = true;
+            break;
+        }
+    }
+    assert!(handshake, "handshake did not complete");
+    // Idle, a little traffic: ten small messages each way over two simulated seconds.
+    let sid = pair.client.open_bi().expect("open stream");
+    let idle_until = pair.now + Duration::from_secs(2);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut server_stream = None;
+    let mut round = 0;
+    while pair.now < idle_until {
+        if round < 10 {
+            pair.client.stream_write(sid, &[7u8; 100]).expect("write");
+        }
+        round += 1;
+        // Time moves in small steps, not to the next timer (which may be the idle timeout).
+        if !pair.exchange() {
+            pair.now += Duration::from_millis(20);
+        }
+        pair.client.handle_timeout(pair.now);
+        let server = pair.server.as_mut().expect("server");
+        server.handle_timeout(pair.now);
+        for ev in drain_events(server) {
+            if let Event::StreamOpened(id) = ev {
+                server_stream = Some(id);
+            }
+        }
+        if let Some(id) = server_stream {
+            while let Ok(Some(_)) = server.stream_read(id, &mut buf) {}
+        }
+        drain_events(&mut pair.client);
+    }
+    assert!(server_stream.is_some(), "the server never saw the stream");
+    assert!(
+        pair.largest.iter().all(|&n| (1200..=1452).contains(&n)),
+        "an idle connection sent datagrams of {:?} bytes",
+        pair.largest
+    );
+    // Bulk: a megabyte from the client, read by the server as it arrives.
+    let payload = vec![9u8; 1 << 20];
+    let mut sent = 0;
+    let mut received = 0;
+    for _ in 0..200_000 {
+        if sent < payload.len() {
+            match pair.client.stream_write(sid, &payload[sent..]) {
+                Ok(n) => sent += n,
+                Err(proto::StreamError::Blocked) => {}
+                Err(e) => panic!("client write: {e}"),
+            }
+        }
+        pair.step();
+        let server = pair.server.as_mut().expect("server");
+        drain_events(server);
+        let id = server_stream.expect("stream");
+        while let Ok(Some(n)) = server.stream_read(id, &mut buf) {
+            received += n;
+        }
+        drain_events(&mut pair.client);
+        if received >= payload.len() && pair.largest[0] > 1452 {
+            break;
+        }
+    }
+    assert_eq!(received, payload.len(), "bulk data did not arrive");
+    assert!(
+        pair.largest[0] >= 8952,
+        "after a megabyte the client still sent datagrams of at most {} bytes",
+        pair.largest[0]
     );
 }

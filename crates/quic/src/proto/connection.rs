@@ -275,6 +275,8 @@ pub struct Connection {
     initial_scid: ConnectionId,
     zero_rtt: bool,
     stored_0rtt_params: bool,
+    /// The connection carried enough data to probe for large datagrams.
+    large_probes: bool,
     config: Arc<TransportConfig>,
 }
 
@@ -304,6 +306,18 @@ fn liberr_string(err: c_int) -> String {
 /// service's MTU, tunnels, the IPv6 minimum, PPPoE, less 48 bytes of IPv6 and UDP headers),
 /// jumbo frames, and the largest payload an IPv6 datagram carries (loopback).
 static PMTUD_PROBES: [u16; 8] = [1406, 1342, 1232, 1444, 8952, 16384, 32768, 65487];
+
+/// Path MTU probes up to this UDP payload size (ngtcp2's defaults, the usual Internet MTUs) are
+/// sent as soon as the handshake is confirmed; larger ones only after [`LARGE_PROBES_AFTER`].
+const SMALL_PROBES_MAX: usize = 1452;
+
+/// Bytes a connection must have sent and received before it probes past [`SMALL_PROBES_MAX`].
+/// A receiver keeps a decryption buffer as large as the largest packet it got (ngtcp2 never
+/// shrinks it) and a sender writes packets into buffers of that size: a 64 KiB probe on every
+/// connection would cost each idle one (an MQTT client between messages) that much memory on
+/// both sides. Connections that carry data in bulk pass this quickly (a QoS 1 stream of 64-byte
+/// messages in milliseconds) and then save per-packet costs with large datagrams.
+const LARGE_PROBES_AFTER: u64 = 256 * 1024;
 
 /// Below this smoothed RTT the connection is not paced. The drivers' timers (tokio's) fire on
 /// whole milliseconds: on such a path a pacing gap (tens of microseconds on loopback) becomes a
@@ -651,6 +665,7 @@ impl Connection {
             initial_scid: scid,
             zero_rtt: false,
             stored_0rtt_params: false,
+            large_probes: false,
             config,
         })
     }
@@ -1076,6 +1091,18 @@ impl Connection {
         let quantum = unsafe { sys::ngtcp2_conn_get_send_quantum(self.raw()) };
         // SAFETY: `conn` is live.
         let max_tx = unsafe { sys::ngtcp2_conn_get_max_tx_udp_payload_size(self.raw()) }.max(mtu);
+        // Room for Path MTU probes past the usual Internet sizes only once the connection is
+        // busy (see `LARGE_PROBES_AFTER`): ngtcp2 keeps a probe that does not fit for later.
+        let max_tx = if max_tx > SMALL_PROBES_MAX && !self.large_probes {
+            if self.carried_bytes() >= LARGE_PROBES_AFTER {
+                self.large_probes = true;
+                max_tx
+            } else {
+                max_tx.min(mtu.max(SMALL_PROBES_MAX))
+            }
+        } else {
+            max_tx
+        };
         // A GSO send carries at most 64 KiB: with a large path MTU, fewer segments fit.
         let max_pkts = (quantum / mtu)
             .clamp(1, max_datagrams)
@@ -1690,6 +1717,12 @@ impl Connection {
         };
         // SAFETY: filled in above (and zero-initialised before).
         unsafe { info.assume_init() }
+    }
+
+    /// UDP payload bytes sent and received so far.
+    fn carried_bytes(&self) -> u64 {
+        let i = self.conn_info();
+        i.bytes_sent.saturating_add(i.bytes_recv)
     }
 
     fn smoothed_rtt(&self) -> Duration {

@@ -25,12 +25,12 @@
 //!   small batch (a lightly loaded broker) it writes a TCP connection's packets to its socket
 //!   itself when the connection has nothing queued or in hand: a message then goes from the
 //!   publisher's read to the subscriber's socket without waking the subscriber's task.
-//! - A lightly loaded broker skips the core task too: a connection task whose read brought a
-//!   single packet, with none of its earlier events still on their way to the core and the
-//!   core's channel empty, takes the lock if it is free and handles the packet itself
-//!   (`ConnContext::inline`), as mosquitto does on its one thread: read, route, write the
-//!   delivery and the PUBACK, on the thread that read it. Anything else (several packets in a
-//!   read, a busy core, sync durability) goes through the channel, in order per connection.
+//! - A lightly loaded broker skips the core task too: a connection task whose read brought at
+//!   most a few packets (`INLINE_MAX`), with none of its earlier events still on their way to
+//!   the core and the core's channel empty, takes the lock if it is free and handles each
+//!   packet itself (`ConnContext::inline`), as mosquitto does on its one thread: read, route,
+//!   write the delivery and the PUBACK, on the thread that read it. Anything else (larger
+//!   reads, a busy core, sync durability) goes through the channel, in order per connection.
 //! - Shutdown: a `watch` flips; the listener stops accepting, the core sends DISCONNECT 0x8B to
 //!   5.0 clients and closes every connection; writers flush what is queued; `run` returns when
 //!   every connection task has ended (a counted drop of an mpsc sender) or the grace time is up.
@@ -1059,7 +1059,9 @@ async fn drive<R, W>(
         if phase == Phase::Both {
             // Decode everything buffered before waiting again. The event is built before the
             // send is awaited, so no decoded packet sits in the task across that await.
-            let mut decoded = 0usize;
+            // A read of a few packets (a lightly loaded connection) may be handled right here;
+            // reads of more go to the core in one batch.
+            let few = whole_packets(&buf, INLINE_MAX + 1) <= INLINE_MAX;
             loop {
                 let budget_kib = match budget_of(&buf) {
                     Some(kib) => {
@@ -1078,15 +1080,12 @@ async fn drive<R, W>(
                 };
                 let ev = match decode(&mut buf, version, max) {
                     Ok(Some(packet)) => {
-                        decoded += 1;
                         let ev = Event::Packet {
                             conn,
                             packet,
                             budget_kib,
                         };
-                        // The one packet a read brought (a lightly loaded connection) may be
-                        // handled right here; reads of several go to the core in one batch.
-                        if decoded == 1 && buf.is_empty() {
+                        if few {
                             match ctx.inline(out, ev) {
                                 Some(ev) => ev,
                                 None => continue,
@@ -1594,6 +1593,26 @@ impl Outbox {
     }
 }
 
+/// Packets read at once that a connection task may handle itself ([`ConnContext::inline`]),
+/// as many as a core round that still writes directly ([`DIRECT_MAX_EVENTS`]).
+const INLINE_MAX: usize = DIRECT_MAX_EVENTS;
+
+/// How many whole packets the front of `buf` holds, counting up to `max`.
+fn whole_packets(mut buf: &[u8], max: usize) -> usize {
+    let mut n = 0;
+    while n < max {
+        let Some((len, varint)) = buf.get(1..).and_then(read_varint) else {
+            break;
+        };
+        let Some(rest) = buf.get(1 + varint + len..) else {
+            break;
+        };
+        buf = rest;
+        n += 1;
+    }
+    n
+}
+
 fn read_varint(b: &[u8]) -> Option<(usize, usize)> {
     let mut value = 0usize;
     for (i, byte) in b.iter().take(4).enumerate() {
@@ -1621,7 +1640,7 @@ fn write_varint(buf: &mut BytesMut, mut v: usize) {
 
 /// What the core owns: the broker, the connections' queues, the direct writes' state. Behind
 /// one lock ([`SharedCore`]) taken by the core task once per batch of events and by a
-/// connection task that handles one packet itself ([`ConnContext::inline`]); never held across
+/// connection task that handles a packet itself ([`ConnContext::inline`]); never held across
 /// an await.
 struct CoreState {
     broker: Broker<Box<dyn Store>>,
@@ -2578,6 +2597,30 @@ mod budget_tests {
         );
         ctx.ingress.add_permits(7);
         assert_eq!(ctx.ingress.available_permits(), 8, "all given back");
+    }
+
+    #[test]
+    fn whole_packets_counts_complete_packets_only() {
+        let puback = [0x40u8, 2, 0, 1];
+        let mut buf = Vec::new();
+        assert_eq!(whole_packets(&buf, 5), 0);
+        for n in 1..=3 {
+            buf.extend_from_slice(&puback);
+            assert_eq!(whole_packets(&buf, 5), n);
+        }
+        // Counting stops at `max`.
+        assert_eq!(whole_packets(&buf, 2), 2);
+        // A packet whose body (or length) is still on its way does not count.
+        buf.extend_from_slice(&[0x30, 200, 1, 0]);
+        assert_eq!(whole_packets(&buf, 5), 3);
+        buf.truncate(12);
+        buf.extend_from_slice(&[0x30, 0x80]);
+        assert_eq!(whole_packets(&buf, 5), 3);
+        // A multi-byte length: 200 bytes of body.
+        buf.truncate(12);
+        buf.extend_from_slice(&[0x30, 200, 1]);
+        buf.extend_from_slice(&[0u8; 200]);
+        assert_eq!(whole_packets(&buf, 5), 4);
     }
 
     #[test]

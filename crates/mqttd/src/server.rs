@@ -2189,14 +2189,7 @@ mod tests {
         };
         let running = start(config).await.expect("start");
         let addr = running.mqtt_addr;
-        let (mut sub, mut sub_buf) = (
-            tokio::net::TcpStream::connect(addr).await.expect("connect"),
-            BytesMut::new(),
-        );
-        sub.write_all(&connect_bytes(v, "order-sub"))
-            .await
-            .expect("write");
-        expect_connack(&mut sub, &mut sub_buf, v, ReasonCode::Success).await;
+        let (mut sub, mut sub_buf) = connected(addr, v, "order-sub").await;
         let subscribe = Subscribe {
             packet_id: PacketId::new(1).expect("id"),
             filters: vec![SubscribeFilter {
@@ -2210,14 +2203,7 @@ mod tests {
             .expect("write");
         let got = next_packet(&mut sub, &mut sub_buf, v).await;
         assert!(matches!(got, Some(Packet::SubAck(_))), "got {got:?}");
-        let (mut publ, mut pub_buf) = (
-            tokio::net::TcpStream::connect(addr).await.expect("connect"),
-            BytesMut::new(),
-        );
-        publ.write_all(&connect_bytes(v, "order-pub"))
-            .await
-            .expect("write");
-        expect_connack(&mut publ, &mut pub_buf, v, ReasonCode::Success).await;
+        let (mut publ, mut pub_buf) = connected(addr, v, "order-pub").await;
         let publish = |i: u16| {
             let p = Publish::new(
                 Topic::new("order/t").expect("topic"),
@@ -2328,6 +2314,24 @@ mod tests {
             matches!(&got, Some(Packet::ConnAck(a)) if a.reason_code == code),
             "expected CONNACK {code:?}, got {got:?}"
         );
+    }
+
+    /// A raw TCP client connected to the broker at `addr` as `id` (CONNACK Success read), with
+    /// its read buffer.
+    async fn connected(
+        addr: SocketAddr,
+        v: ProtocolVersion,
+        id: &'static str,
+    ) -> (tokio::net::TcpStream, BytesMut) {
+        use tokio::io::AsyncWriteExt;
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = BytesMut::new();
+        client
+            .write_all(&connect_bytes(v, id))
+            .await
+            .expect("write");
+        expect_connack(&mut client, &mut buf, v, ReasonCode::Success).await;
+        (client, buf)
     }
 
     /// Connects to `listener`, writes `first` in one write, accepts, and waits until the

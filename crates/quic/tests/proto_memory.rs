@@ -156,20 +156,23 @@ fn drain_events(c: &mut Connection) -> Vec<Event> {
     std::iter::from_fn(|| c.poll_event()).collect()
 }
 
+/// Steps `pair` until the client's handshake completed (bounded; fails the test otherwise).
+fn complete_handshake(pair: &mut Pair) {
+    for _ in 0..100_000 {
+        pair.step();
+        if drain_events(&mut pair.client).contains(&Event::HandshakeCompleted) {
+            return;
+        }
+    }
+    panic!("handshake did not complete");
+}
+
 /// Handshake, then the client sends `len` bytes on a bidi stream, the server echoes them back.
 fn echo(loss_percent: u64, len: usize, seed: u64) -> (usize, usize) {
     let pki = Pki::new();
     let mut pair = Pair::new(&pki, loss_percent, seed);
     let payload = Rng(seed ^ 0xabcdef).bytes(len);
-    let mut handshake = false;
-    for _ in 0..100_000 {
-        pair.step();
-        if drain_events(&mut pair.client).contains(&Event::HandshakeCompleted) {
-            handshake = true;
-            break;
-        }
-    }
-    assert!(handshake, "handshake did not complete");
+    complete_handshake(&mut pair);
     assert_eq!(pair.client.alpn().as_deref(), Some(&b"mqtt"[..]));
 
     let sid = pair.client.open_bi().expect("open stream");
@@ -307,15 +310,7 @@ fn large_datagrams_only_after_bulk_data() {
         [1; 32],
     )
     .expect("client");
-    let mut handshake = false;
-    for _ in 0..100_000 {
-        pair.step();
-        if drain_events(&mut pair.client).contains(&Event::HandshakeCompleted) {
-            handshake = true;
-            break;
-        }
-    }
-    assert!(handshake, "handshake did not complete");
+    complete_handshake(&mut pair);
     // Idle, a little traffic: ten small messages each way over two simulated seconds.
     let sid = pair.client.open_bi().expect("open stream");
     let idle_until = pair.now + Duration::from_secs(2);

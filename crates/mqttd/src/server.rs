@@ -2181,13 +2181,7 @@ mod tests {
         use mqttd_codec::{PacketId, PubAck, Subscribe, SubscribeFilter, SubscriptionOptions};
         use tokio::io::AsyncWriteExt;
         let v = ProtocolVersion::V3_1_1;
-        let config = Config {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            http_listen: None,
-            storage: crate::config::StorageKind::Memory,
-            ..Config::default()
-        };
-        let running = start(config).await.expect("start");
+        let running = memory_broker().await;
         let addr = running.mqtt_addr;
         let (mut sub, mut sub_buf) = connected(addr, v, "order-sub").await;
         let subscribe = Subscribe {
@@ -2281,16 +2275,21 @@ mod tests {
         shut_down(running, Duration::from_secs(10)).await;
     }
 
-    /// A broker, plus a listener of the test's own whose accepted sockets the test hands to
-    /// `accept_one` once their first bytes are there (so which path they take is known).
-    async fn broker_and_listener() -> (Running, TcpListener) {
+    /// A broker on a free loopback port with in-memory storage and no HTTP listener.
+    async fn memory_broker() -> Running {
         let config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             http_listen: None,
             storage: crate::config::StorageKind::Memory,
             ..Config::default()
         };
-        let running = start(config).await.expect("start");
+        start(config).await.expect("start")
+    }
+
+    /// A broker, plus a listener of the test's own whose accepted sockets the test hands to
+    /// `accept_one` once their first bytes are there (so which path they take is known).
+    async fn broker_and_listener() -> (Running, TcpListener) {
+        let running = memory_broker().await;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         (running, listener)
     }
@@ -2454,13 +2453,7 @@ mod tests {
         use mqttd_codec::{Connect, MqttString, SubscribeFilter, SubscriptionOptions, TopicFilter};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        let config = Config {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            http_listen: None,
-            storage: crate::config::StorageKind::Memory,
-            ..Config::default()
-        };
-        let running = start(config).await.expect("start");
+        let running = memory_broker().await;
         let ctx = running.context();
         let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
 

@@ -156,6 +156,16 @@ fn drain_events(c: &mut Connection) -> Vec<Event> {
     std::iter::from_fn(|| c.poll_event()).collect()
 }
 
+/// Writes what the stream takes of `data` now (0 when flow control blocks it); fails the test
+/// on any other error.
+fn write_some(c: &mut Connection, sid: proto::StreamId, data: &[u8]) -> usize {
+    match c.stream_write(sid, data) {
+        Ok(n) => n,
+        Err(proto::StreamError::Blocked) => 0,
+        Err(e) => panic!("client write: {e}"),
+    }
+}
+
 /// Steps `pair` until the client's handshake completed (bounded; fails the test otherwise).
 fn complete_handshake(pair: &mut Pair) {
     for _ in 0..100_000 {
@@ -186,11 +196,7 @@ fn echo(loss_percent: u64, len: usize, seed: u64) -> (usize, usize) {
     let mut buf = vec![0u8; 64 * 1024];
     for _ in 0..2_000_000 {
         if sent < payload.len() {
-            match pair.client.stream_write(sid, &payload[sent..]) {
-                Ok(n) => sent += n,
-                Err(proto::StreamError::Blocked) => {}
-                Err(e) => panic!("client write: {e}"),
-            }
+            sent += write_some(&mut pair.client, sid, &payload[sent..]);
             if sent == payload.len() {
                 pair.client.stream_finish(sid).expect("finish");
             }
@@ -351,11 +357,7 @@ fn large_datagrams_only_after_bulk_data() {
     let mut received = 0;
     for _ in 0..200_000 {
         if sent < payload.len() {
-            match pair.client.stream_write(sid, &payload[sent..]) {
-                Ok(n) => sent += n,
-                Err(proto::StreamError::Blocked) => {}
-                Err(e) => panic!("client write: {e}"),
-            }
+            sent += write_some(&mut pair.client, sid, &payload[sent..]);
         }
         pair.step();
         let server = pair.server.as_mut().expect("server");

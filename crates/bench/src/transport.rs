@@ -138,7 +138,7 @@ impl Quic {
             max_datagram_frame_size: 0,
             // As the broker's listener: large datagrams once a connection carries bulk data,
             // where the path allows them (loopback).
-            max_udp_payload_size: 65_487,
+            max_udp_payload_size: mqttd_quic::MAX_UDP_PAYLOAD,
             qlog_dir: opts.qlog_dir.clone(),
             ..mqttd_quic::TransportConfig::default()
         });

@@ -72,9 +72,6 @@ pub const STREAM_REFUSED: u64 = 0x103;
 /// Application error code closing a connection refused at `max_connections`.
 pub const CONNECTION_REFUSED: u64 = 0x2;
 
-/// The largest UDP payload the listener sends (the loopback MTU less the IPv6 and UDP headers).
-const LARGE_UDP_PAYLOAD: usize = 65_487;
-
 /// File names of the generated certificate and key inside the data directory.
 const GENERATED_CERT: &str = "quic-cert.pem";
 const GENERATED_KEY: &str = "quic-key.pem";
@@ -243,7 +240,7 @@ fn server_config(
         // connection's MQTT packets leave in a few large datagrams instead of many small ones.
         // Only connections that carried bulk data probe past 1452 bytes, so idle clients keep
         // small buffers (mqttd-quic, `TransportConfig::max_udp_payload_size`).
-        max_udp_payload_size: LARGE_UDP_PAYLOAD,
+        max_udp_payload_size: mqttd_quic::MAX_UDP_PAYLOAD,
         ..TransportConfig::default()
     });
     server.retry = config.retry;

@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use crate::tls;
 
+/// The largest UDP payload an IPv6 datagram on loopback carries (MTU 65536 less the IPv6 and
+/// UDP headers): the largest [`TransportConfig::max_udp_payload_size`] worth setting, and the
+/// last size Path MTU discovery probes.
+pub const MAX_UDP_PAYLOAD: usize = 65_487;
+
 /// The QUIC versions this crate speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Version {

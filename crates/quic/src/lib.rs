@@ -53,7 +53,9 @@ pub mod proto;
 mod stream;
 use mqttd_tls as tls;
 
-pub use config::{ClientConfig, CongestionControl, ServerConfig, TransportConfig, Version};
+pub use config::{
+    ClientConfig, CongestionControl, MAX_UDP_PAYLOAD, ServerConfig, TransportConfig, Version,
+};
 pub use connection::{Connecting, Connection, SendDatagramError, ZeroRttAccepted};
 pub use endpoint::{Endpoint, EndpointStats};
 pub use proto::{ConnectionError, Stats, StreamError, StreamId};

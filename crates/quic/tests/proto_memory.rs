@@ -299,7 +299,7 @@ fn large_datagrams_only_after_bulk_data() {
     let pki = Pki::new();
     let mut pair = Pair::new(&pki, 0, 5);
     let transport = std::sync::Arc::new(mqttd_quic::TransportConfig {
-        max_udp_payload_size: 65487,
+        max_udp_payload_size: mqttd_quic::MAX_UDP_PAYLOAD,
         ..support::transport()
     });
     let mut client_cfg = pki.client_config();

@@ -305,7 +305,10 @@ fn liberr_string(err: c_int) -> String {
 /// UDP payload sizes Path MTU discovery probes, in order: ngtcp2's defaults (a Japanese fiber
 /// service's MTU, tunnels, the IPv6 minimum, PPPoE, less 48 bytes of IPv6 and UDP headers),
 /// jumbo frames, and the largest payload an IPv6 datagram carries (loopback).
-static PMTUD_PROBES: [u16; 8] = [1406, 1342, 1232, 1444, 8952, 16384, 32768, 65487];
+static PMTUD_PROBES: [u16; 8] = [1406, 1342, 1232, 1444, 8952, 16384, 32768, LOOPBACK_PROBE];
+
+/// The last probe: [`MAX_UDP_PAYLOAD`](crate::MAX_UDP_PAYLOAD) (65,487 fits in a `u16`).
+const LOOPBACK_PROBE: u16 = crate::config::MAX_UDP_PAYLOAD as u16;
 
 /// Path MTU probes up to this UDP payload size (ngtcp2's defaults, the usual Internet MTUs) are
 /// sent as soon as the handshake is confirmed; larger ones only after [`LARGE_PROBES_AFTER`].

@@ -4,14 +4,15 @@
 //! (spawned by the endpoint) is the one that runs timers, writes packets and turns protocol
 //! events into task wake-ups; the endpoint's receive task feeds datagrams in, and stream handles
 //! read and write buffers, each holding the lock only for the synchronous call and then
-//! notifying the driver. The lock is never held across an `.await`.
+//! notifying the driver. A stream in send-on-flush mode sends from the flushing task instead
+//! ([`ConnInner::transmit_now`]). The lock is never held across an `.await`.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,8 @@ pub(crate) struct ConnInner {
     /// Application handles (Connection, streams) alive; the last one to go closes.
     app_refs: AtomicUsize,
     pub(crate) id: u64,
+    /// For sends from application tasks ([`ConnInner::transmit_now`]).
+    endpoint: Weak<EndpointInner>,
 }
 
 pub(crate) struct ConnState {
@@ -53,6 +56,9 @@ pub(crate) struct ConnState {
     pub(crate) unannounced_credit: usize,
     /// Credit worth waking the driver for (a quarter of the smaller window, at most 64 KiB).
     announce_credit: usize,
+    /// The timer the driver sleeps until, as of its last pass (`None`: no timer). A send from
+    /// an application task that moves the connection's timer earlier wakes the driver.
+    driver_deadline: Option<Instant>,
 }
 
 fn dir_index(d: Dir) -> usize {
@@ -160,7 +166,11 @@ impl ConnState {
 }
 
 impl ConnInner {
-    pub(crate) fn new(proto: proto::Connection, id: u64) -> Arc<Self> {
+    pub(crate) fn new(
+        proto: proto::Connection,
+        id: u64,
+        endpoint: Weak<EndpointInner>,
+    ) -> Arc<Self> {
         let t = proto.transport();
         let window = t.stream_receive_window.min(t.receive_window);
         let announce_credit = usize::try_from(window / 4)
@@ -185,16 +195,59 @@ impl ConnInner {
                 endpoint_events: Vec::new(),
                 unannounced_credit: 0,
                 announce_credit,
+                driver_deadline: None,
             }),
             notify: Notify::new(),
             app_refs: AtomicUsize::new(0),
             id,
+            endpoint,
         })
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, ConnState> {
         // A panic while holding the lock leaves protocol state we can still close cleanly.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends what the connection has to send right now (stream data, ACKs) from the calling
+    /// task instead of waking the driver for it: the path of a [`SendStream`] in send-on-flush
+    /// mode. Up to [`INLINE_BATCHES`] packet batches; the driver is woken for anything left
+    /// over, for routing changes, and when the connection's next timer moved earlier than the
+    /// one the driver sleeps until (the loss-detection timer of the packets just sent).
+    pub(crate) fn transmit_now(&self) {
+        let Some(endpoint) = self.endpoint.upgrade() else {
+            self.notify.notify_one();
+            return;
+        };
+        let max_gso = endpoint.max_gso_segments();
+        let wake_driver = TRANSMIT_BUF.with_borrow_mut(|buf| {
+            for _ in 0..INLINE_BATCHES {
+                let (t, wake) = {
+                    let mut st = self.lock();
+                    if st.error.is_some() {
+                        return true;
+                    }
+                    let t = st.proto.poll_transmit(Instant::now(), buf, max_gso);
+                    st.process_events();
+                    let wake = !st.endpoint_events.is_empty()
+                        || st.proto.is_drained()
+                        || st
+                            .proto
+                            .poll_timeout()
+                            .is_some_and(|t| st.driver_deadline.is_none_or(|d| t < d));
+                    (t, wake)
+                };
+                let Some(t) = t else { return wake };
+                endpoint.try_send(&t, &buf[..t.size]);
+                if wake {
+                    return true;
+                }
+            }
+            true
+        });
+        if wake_driver {
+            self.notify.notify_one();
+        }
     }
 
     pub(crate) fn acquire(self: &Arc<Self>) -> Arc<Self> {
@@ -214,6 +267,15 @@ impl ConnInner {
             self.notify.notify_one();
         }
     }
+}
+
+/// Packet batches [`ConnInner::transmit_now`] sends before it leaves the rest to the driver.
+const INLINE_BATCHES: usize = 4;
+
+thread_local! {
+    /// The packet buffer of sends from application tasks: one per thread (it holds a GSO batch
+    /// of up to 64 KiB), not one per connection or stream.
+    static TRANSMIT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A driver keeps its packet buffers while its next timer is this close (it is busy).
@@ -253,7 +315,9 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
                 );
                 endpoint.handshake_done(&conn);
             }
-            (st.proto.poll_timeout(), st.proto.is_drained(), events)
+            let timeout = st.proto.poll_timeout();
+            st.driver_deadline = timeout;
+            (timeout, st.proto.is_drained(), events)
         };
         endpoint.apply_routing(&conn, &events);
         for (t, buf) in transmits.iter().zip(bufs.iter()) {

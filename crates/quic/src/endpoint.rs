@@ -43,6 +43,25 @@ impl Socket {
         let local = io.local_addr()?;
         Ok(Arc::new(Socket { io, state, local }))
     }
+
+    /// One send attempt of a batch; `WouldBlock` when the send buffer is full.
+    fn try_send(&self, t: &proto::Transmit, data: &[u8]) -> io::Result<()> {
+        let src_ip = if self.local.ip().is_unspecified() {
+            Some(t.source.ip())
+        } else {
+            None
+        };
+        let transmit = quinn_udp::Transmit {
+            destination: t.destination,
+            ecn: quinn_udp::EcnCodepoint::from_bits(t.ecn.bits()),
+            contents: data,
+            segment_size: t.segment_size,
+            src_ip,
+        };
+        self.io.try_io(Interest::WRITABLE, || {
+            self.state.send((&self.io).into(), &transmit)
+        })
+    }
 }
 
 struct Route {
@@ -124,25 +143,12 @@ impl EndpointInner {
         self.socket().state.max_gso_segments().clamp(1, 64)
     }
 
-    /// Sends one batch (one datagram, or several of `segment_size` with GSO).
+    /// Sends one batch (one datagram, or several of `segment_size` with GSO), waiting while
+    /// the socket's send buffer is full.
     pub(crate) async fn send(&self, t: &proto::Transmit, data: &[u8]) {
         let socket = self.socket();
-        let src_ip = if socket.local.ip().is_unspecified() {
-            Some(t.source.ip())
-        } else {
-            None
-        };
-        let transmit = quinn_udp::Transmit {
-            destination: t.destination,
-            ecn: quinn_udp::EcnCodepoint::from_bits(t.ecn.bits()),
-            contents: data,
-            segment_size: t.segment_size,
-            src_ip,
-        };
         loop {
-            match socket.io.try_io(Interest::WRITABLE, || {
-                socket.state.send((&socket.io).into(), &transmit)
-            }) {
+            match socket.try_send(t, data) {
                 Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if socket.io.writable().await.is_err() {
@@ -154,6 +160,15 @@ impl EndpointInner {
                     return;
                 }
             }
+        }
+    }
+
+    /// Sends one batch without waiting: with the socket's send buffer full the batch is
+    /// dropped, as a full queue on the path would (the connection's loss recovery resends
+    /// its data).
+    pub(crate) fn try_send(&self, t: &proto::Transmit, data: &[u8]) {
+        if let Err(e) = self.socket().try_send(t, data) {
+            tracing::debug!(error = %e, "UDP send failed");
         }
     }
 
@@ -223,7 +238,7 @@ impl EndpointInner {
         if let Some(c) = extra_cid {
             cids.push(c);
         }
-        let conn = ConnInner::new(proto, id);
+        let conn = ConnInner::new(proto, id, Arc::downgrade(self));
         {
             let mut t = self.table();
             for cid in &cids {

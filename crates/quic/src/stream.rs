@@ -33,6 +33,8 @@ pub struct SendStream {
     id: StreamId,
     done: bool,
     epoch: u32,
+    /// Writes leave on flush, sent from the flushing task ([`SendStream::set_send_on_flush`]).
+    send_on_flush: bool,
 }
 
 /// A handle from before a 0-RTT rejection refers to a discarded stream whose ID may now
@@ -52,12 +54,28 @@ impl SendStream {
             conn: conn.acquire(),
             id,
             done: false,
+            send_on_flush: false,
         }
     }
 
     /// The stream's ID.
     pub fn id(&self) -> StreamId {
         self.id
+    }
+
+    /// Send-on-flush mode, for applications that flush after each batch of writes (as an
+    /// MQTT connection does after each batch of packets): a write only queues the data, and
+    /// [`AsyncWriteExt::flush`](tokio::io::AsyncWriteExt::flush) sends it at once from the
+    /// calling task, with whatever else the connection has to send (ACKs, other streams).
+    /// That saves a wake-up of the connection's driver task per batch, and with it the
+    /// latency of a task switch on every message of a request/response exchange.
+    ///
+    /// Off (the default), each write wakes the driver, which sends soon after. In this mode
+    /// data written and never flushed waits for the connection's next send for another
+    /// reason (an ACK, a timer), so always flush. A write that finds the send buffer full
+    /// still wakes the driver.
+    pub fn set_send_on_flush(&mut self, on: bool) {
+        self.send_on_flush = on;
     }
 
     fn poll_write_inner(
@@ -70,7 +88,9 @@ impl SendStream {
         match st.proto.stream_write(self.id, buf) {
             Ok(n) => {
                 drop(st);
-                self.conn.notify.notify_one();
+                if !self.send_on_flush {
+                    self.conn.notify.notify_one();
+                }
                 Poll::Ready(Ok(n))
             }
             Err(StreamError::Blocked) => {
@@ -114,7 +134,9 @@ impl SendStream {
             match st.proto.stream_write_bytes(self.id, data.clone()) {
                 Ok(()) => {
                     drop(st);
-                    self.conn.notify.notify_one();
+                    if !self.send_on_flush {
+                        self.conn.notify.notify_one();
+                    }
                     Poll::Ready(Ok(()))
                 }
                 Err(StreamError::Blocked) => {
@@ -198,6 +220,9 @@ impl AsyncWrite for SendStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.send_on_flush {
+            self.conn.transmit_now();
+        }
         Poll::Ready(Ok(()))
     }
 

@@ -1,5 +1,5 @@
 //! Retry, QUIC v2, key update, BBR, stream reset / STOP_SENDING codes, close codes, endpoint
-//! shutdown; against our own stack and quinn.
+//! shutdown, send-on-flush streams; against our own stack and quinn.
 
 mod support;
 
@@ -388,6 +388,86 @@ async fn connection_limit_refuses_with_connection_refused() {
             other => panic!("no room after a connection closed: {other:?}"),
         }
         drop(b);
+    })
+    .await
+    .expect("timed out");
+}
+
+/// Waits (bounded) until the connection has neither sent nor received a packet for 200 ms: no
+/// ACK, probe or handshake leftover is pending any more.
+async fn until_quiet(conn: &mqttd_quic::Connection) {
+    let deadline = tokio::time::Instant::now() + LIMIT / 3;
+    let mut last = (u64::MAX, u64::MAX);
+    while tokio::time::Instant::now() < deadline {
+        let s = conn.stats();
+        let now = (s.sent_packets, s.recv_packets);
+        if now == last {
+            return;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the connection never went quiet: {:?}", conn.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_on_flush_stream_sends_at_flush_to_quinn() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let q = quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("quinn");
+        let addr = q.local_addr().expect("addr");
+        spawn_quinn_echo(q);
+        let client = Endpoint::client(localhost()).expect("client");
+        let conn = client
+            .connect(&pki.client_config(), addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        send.set_send_on_flush(true);
+
+        // Request/response rounds, each written and flushed by the writing task.
+        let mut rng = Rng(0x5eed_f1a5);
+        for round in 0..200usize {
+            let msg = rng.bytes(1 + round % 300);
+            send.write_all(&msg).await.expect("write");
+            send.flush().await.expect("flush");
+            let mut got = vec![0u8; msg.len()];
+            recv.read_exact(&mut got).await.expect("echo");
+            assert_eq!(got, msg, "round {round}");
+        }
+
+        // A write left unflushed waits: on a quiet connection nothing is sent for it...
+        until_quiet(&conn).await;
+        let before = conn.stats().sent_packets;
+        send.write_all(b"held until flush").await.expect("write");
+        let mut got = [0u8; 16];
+        let early = timeout(Duration::from_millis(500), recv.read_exact(&mut got)).await;
+        assert!(early.is_err(), "unflushed data was echoed: {early:?}");
+        assert_eq!(
+            conn.stats().sent_packets,
+            before,
+            "a write alone sent packets"
+        );
+        // ...and the flush sends it.
+        send.flush().await.expect("flush");
+        recv.read_exact(&mut got).await.expect("echo after flush");
+        assert_eq!(&got, b"held until flush");
+
+        // Writes larger than the send buffer still go out as they wait for room (the driver
+        // is woken for those), and the flush sends the rest.
+        let bulk = rng.bytes(1 << 20);
+        let digest = sha256(&bulk);
+        let reader = tokio::spawn(async move {
+            let mut echoed = vec![0u8; 1 << 20];
+            recv.read_exact(&mut echoed).await.expect("bulk echo");
+            echoed
+        });
+        send.write_all(&bulk).await.expect("bulk write");
+        send.flush().await.expect("flush");
+        let echoed = reader.await.expect("reader");
+        assert_eq!(sha256(&echoed), digest);
     })
     .await
     .expect("timed out");

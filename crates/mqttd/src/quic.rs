@@ -378,6 +378,10 @@ async fn serve_quic(
         })
     };
     let (give_back, returned) = oneshot::channel();
+    // The connection task flushes after each batch of packets: the batch is sent from that
+    // task then, with no hop through the connection's driver.
+    let mut send = send;
+    send.set_send_on_flush(true);
     let io = QuicIo {
         halves: Some((send, recv)),
         give_back: Some(give_back),

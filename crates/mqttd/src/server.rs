@@ -1055,6 +1055,8 @@ async fn drive<R, W>(
     let mut closing = false;
     let mut closed_sent = false;
     let mut drain_deadline = None;
+    // Bytes written since the last flush.
+    let mut unflushed = false;
     'conn: loop {
         if phase == Phase::Both {
             // Decode everything buffered before waiting again. The event is built before the
@@ -1154,6 +1156,15 @@ async fn drive<R, W>(
             if closing {
                 break;
             }
+            if unflushed {
+                // All that is queued is written: the batch leaves now. A QUIC stream in
+                // send-on-flush mode sends its packets here, from this task; TCP writes went
+                // out already.
+                unflushed = false;
+                if wr.flush().await.is_err() {
+                    break;
+                }
+            }
             // Idle: give back the encode buffer; the next batch sizes a new one.
             outbox.release();
         }
@@ -1179,6 +1190,7 @@ async fn drive<R, W>(
             },
             w = outbox.write_some(&mut wr), if !outbox.is_empty() => match w {
                 Ok(n) => {
+                    unflushed = true;
                     Metrics::add(&ctx.metrics.bytes_sent, n as u64);
                     if outbox.is_empty() {
                         let publishes = outbox.finish();

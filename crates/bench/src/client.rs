@@ -151,6 +151,16 @@ impl<T: Transport> Conn<T> {
 
     async fn flush(&mut self) -> Result<()> {
         self.writer.write_all_buf(&mut self.wbuf).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// Flushes once the write buffer is empty: a QUIC stream in send-on-flush mode sends the
+    /// batch from this task then (TCP has nothing to flush).
+    async fn flush_if_written(&mut self) -> Result<()> {
+        if self.wbuf.is_empty() {
+            self.writer.flush().await?;
+        }
         Ok(())
     }
 
@@ -424,6 +434,7 @@ async fn publish_loop<T: Transport>(
             }
             r = conn.writer.write_buf(&mut conn.wbuf), if !conn.wbuf.is_empty() => {
                 r?;
+                conn.flush_if_written().await?;
                 last_tx = Instant::now();
             }
             _ = &mut timer => {}
@@ -502,7 +513,10 @@ async fn subscribe_loop<T: Transport>(
                     out.last_recv = Some(Instant::now());
                 }
             }
-            r = conn.writer.write_buf(&mut conn.wbuf), if !conn.wbuf.is_empty() => { r?; }
+            r = conn.writer.write_buf(&mut conn.wbuf), if !conn.wbuf.is_empty() => {
+                r?;
+                conn.flush_if_written().await?;
+            }
             _ = ping.tick() => encode(&Packet::PingReq, version, &mut conn.wbuf)?,
         }
     }
@@ -534,7 +548,10 @@ pub async fn hold_idle<T: Transport>(
                         }
                     }
                 }
-                r = conn.writer.write_buf(&mut conn.wbuf), if !conn.wbuf.is_empty() => { r?; }
+                r = conn.writer.write_buf(&mut conn.wbuf), if !conn.wbuf.is_empty() => {
+                r?;
+                conn.flush_if_written().await?;
+            }
                 _ = ping.tick() => encode(&Packet::PingReq, version, &mut conn.wbuf)?,
             }
         }

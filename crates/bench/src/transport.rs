@@ -205,10 +205,12 @@ impl Transport for Quic {
             .await
             .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, format!("QUIC: {e}")))?;
         // The stream handles keep the connection open; dropping both closes it.
-        let (send, recv) = conn
+        let (mut send, recv) = conn
             .open_bi()
             .await
             .map_err(|e| io::Error::other(format!("QUIC: {e}")))?;
+        // The client loops flush after each batch of writes.
+        send.set_send_on_flush(true);
         Ok((recv, send, began))
     }
 }

@@ -549,9 +549,9 @@ pub async fn hold_idle<T: Transport>(
                     }
                 }
                 r = conn.writer.write_buf(&mut conn.wbuf), if !conn.wbuf.is_empty() => {
-                r?;
-                conn.flush_if_written().await?;
-            }
+                    r?;
+                    conn.flush_if_written().await?;
+                }
                 _ = ping.tick() => encode(&Packet::PingReq, version, &mut conn.wbuf)?,
             }
         }

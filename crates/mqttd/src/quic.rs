@@ -341,7 +341,7 @@ async fn serve_quic(
         s = tokio::time::timeout(ctx.limits().connect_timeout, conn.accept_bi()) => s,
         _ = shutdown.changed() => return,
     };
-    let (send, recv) = match stream {
+    let (mut send, recv) = match stream {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "QUIC connection ended before its MQTT stream");
@@ -380,7 +380,6 @@ async fn serve_quic(
     let (give_back, returned) = oneshot::channel();
     // The connection task flushes after each batch of packets: the batch is sent from that
     // task then, with no hop through the connection's driver.
-    let mut send = send;
     send.set_send_on_flush(true);
     let io = QuicIo {
         halves: Some((send, recv)),

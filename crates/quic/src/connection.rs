@@ -219,7 +219,9 @@ impl ConnInner {
             self.notify.notify_one();
             return;
         };
-        let max_gso = endpoint.max_gso_segments();
+        // Read once per flush: the socket changes only on a rebind.
+        let socket = endpoint.socket();
+        let max_gso = socket.max_gso_segments();
         let wake_driver = TRANSMIT_BUF.with_borrow_mut(|buf| {
             for _ in 0..INLINE_BATCHES {
                 let (t, wake) = {
@@ -238,7 +240,11 @@ impl ConnInner {
                     (t, wake)
                 };
                 let Some(t) = t else { return wake };
-                endpoint.try_send(&t, &buf[..t.size]);
+                // With the send buffer full the batch is dropped, as a full queue on the path
+                // would drop it; the connection's loss recovery resends its data.
+                if let Err(e) = socket.try_send(&t, &buf[..t.size]) {
+                    tracing::debug!(error = %e, "UDP send failed");
+                }
                 if wake {
                     return true;
                 }

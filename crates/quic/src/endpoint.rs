@@ -44,8 +44,13 @@ impl Socket {
         Ok(Arc::new(Socket { io, state, local }))
     }
 
+    /// GSO segments one send may carry (1 without GSO).
+    pub(crate) fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments().clamp(1, 64)
+    }
+
     /// One send attempt of a batch; `WouldBlock` when the send buffer is full.
-    fn try_send(&self, t: &proto::Transmit, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn try_send(&self, t: &proto::Transmit, data: &[u8]) -> io::Result<()> {
         let src_ip = if self.local.ip().is_unspecified() {
             Some(t.source.ip())
         } else {
@@ -132,7 +137,7 @@ impl EndpointInner {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn socket(&self) -> Arc<Socket> {
+    pub(crate) fn socket(&self) -> Arc<Socket> {
         self.socket
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -140,7 +145,7 @@ impl EndpointInner {
     }
 
     pub(crate) fn max_gso_segments(&self) -> usize {
-        self.socket().state.max_gso_segments().clamp(1, 64)
+        self.socket().max_gso_segments()
     }
 
     /// Sends one batch (one datagram, or several of `segment_size` with GSO), waiting while
@@ -160,15 +165,6 @@ impl EndpointInner {
                     return;
                 }
             }
-        }
-    }
-
-    /// Sends one batch without waiting: with the socket's send buffer full the batch is
-    /// dropped, as a full queue on the path would (the connection's loss recovery resends
-    /// its data).
-    pub(crate) fn try_send(&self, t: &proto::Transmit, data: &[u8]) {
-        if let Err(e) = self.socket().try_send(t, data) {
-            tracing::debug!(error = %e, "UDP send failed");
         }
     }
 

@@ -5,13 +5,15 @@
 //! events into task wake-ups; the endpoint's receive task feeds datagrams in, and stream handles
 //! read and write buffers, each holding the lock only for the synchronous call and then
 //! notifying the driver. A stream in send-on-flush mode sends from the flushing task instead
-//! ([`ConnInner::transmit_now`]). The lock is never held across an `.await`.
+//! ([`ConnInner::transmit_now`]). After a receive the driver holds back an ACK-only packet
+//! for a moment ([`ACK_HOLD`]), so that the application's answer carries the ACK. The lock is
+//! never held across an `.await`.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -26,8 +28,12 @@ use crate::stream::{RecvStream, SendStream};
 /// Everything about a connection that handles and the driver share.
 pub(crate) struct ConnInner {
     pub(crate) state: Mutex<ConnState>,
-    /// Wakes the driver: something to send, a timer to re-arm.
+    /// Wakes the driver: something to send, a timer to re-arm. The receive task notifies it
+    /// directly; everything else goes through [`ConnInner::wake_driver`].
     pub(crate) notify: Notify,
+    /// The driver was woken for more than received packets (see [`ConnInner::wake_driver`]):
+    /// it must not hold back what it has to send.
+    asked: AtomicBool,
     /// Application handles (Connection, streams) alive; the last one to go closes.
     app_refs: AtomicUsize,
     pub(crate) id: u64,
@@ -59,6 +65,11 @@ pub(crate) struct ConnState {
     /// The timer the driver sleeps until, as of its last pass (`None`: no timer). A send from
     /// an application task that moves the connection's timer earlier wakes the driver.
     driver_deadline: Option<Instant>,
+    /// The end of the driver's ACK hold, while one runs (see [`ACK_HOLD`]): the receive task
+    /// need not wake it for the ACKs of further packets.
+    pub(crate) ack_hold_until: Option<Instant>,
+    /// Packets received since the connection last sent one.
+    pub(crate) rx_since_tx: usize,
 }
 
 fn dir_index(d: Dir) -> usize {
@@ -74,7 +85,35 @@ fn wake_all(w: &mut Vec<Waker>) {
     }
 }
 
+/// Why an application task's send wakes the driver.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    No,
+    /// The connection's next timer moved earlier than the driver's.
+    Rearm,
+    /// More to do than the task did: packets left over, routing changes, the end.
+    Asked,
+}
+
 impl ConnState {
+    /// After a send from an application task (the lock is held): whether and why the driver
+    /// must be woken.
+    fn wake_after_send(&self) -> Wake {
+        if !self.endpoint_events.is_empty() || self.proto.is_drained() {
+            return Wake::Asked;
+        }
+        // During an ACK hold the driver's timers wait for the hold's end.
+        let timer = self
+            .proto
+            .poll_timeout()
+            .map(|t| self.ack_hold_until.map_or(t, |h| t.max(h)));
+        if timer.is_some_and(|t| self.driver_deadline.is_none_or(|d| t < d)) {
+            Wake::Rearm
+        } else {
+            Wake::No
+        }
+    }
+
     /// Records that the application read `n` bytes; returns whether the driver should be woken
     /// to announce the new flow-control credit. Waking it for every read would cost a task
     /// switch per read (with MQTT-sized messages the reader catches up with every packet).
@@ -196,12 +235,31 @@ impl ConnInner {
                 unannounced_credit: 0,
                 announce_credit,
                 driver_deadline: None,
+                ack_hold_until: None,
+                rx_since_tx: 0,
             }),
             notify: Notify::new(),
+            asked: AtomicBool::new(false),
             app_refs: AtomicUsize::new(0),
             id,
             endpoint,
         })
+    }
+
+    /// Wakes the driver for something other than received packets: data or a close to send,
+    /// flow-control credit to announce, a timer to re-arm, a routing change.
+    pub(crate) fn wake_driver(&self) {
+        self.asked.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Whether the receive task should wake the driver after feeding it packets (the lock is
+    /// held): not while the driver holds back an ACK, unless there is more than ACKs to send
+    /// or enough packets arrived that the peer should hear of them now.
+    pub(crate) fn wake_after_receive(st: &mut ConnState) -> bool {
+        st.ack_hold_until.is_none()
+            || st.rx_since_tx >= ACK_HOLD_PACKETS
+            || st.proto.has_queued_output()
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, ConnState> {
@@ -216,28 +274,25 @@ impl ConnInner {
     /// one the driver sleeps until (the loss-detection timer of the packets just sent).
     pub(crate) fn transmit_now(&self) {
         let Some(endpoint) = self.endpoint.upgrade() else {
-            self.notify.notify_one();
+            self.wake_driver();
             return;
         };
         // Read once per flush: the socket changes only on a rebind.
         let socket = endpoint.socket();
         let max_gso = socket.max_gso_segments();
-        let wake_driver = TRANSMIT_BUF.with_borrow_mut(|buf| {
+        let wake = TRANSMIT_BUF.with_borrow_mut(|buf| {
             for _ in 0..INLINE_BATCHES {
                 let (t, wake) = {
                     let mut st = self.lock();
                     if st.error.is_some() {
-                        return true;
+                        return Wake::Asked;
                     }
                     let t = st.proto.poll_transmit(Instant::now(), buf, max_gso);
+                    if t.is_some() {
+                        st.rx_since_tx = 0;
+                    }
                     st.process_events();
-                    let wake = !st.endpoint_events.is_empty()
-                        || st.proto.is_drained()
-                        || st
-                            .proto
-                            .poll_timeout()
-                            .is_some_and(|t| st.driver_deadline.is_none_or(|d| t < d));
-                    (t, wake)
+                    (t, st.wake_after_send())
                 };
                 let Some(t) = t else { return wake };
                 // With the send buffer full the batch is dropped, as a full queue on the path
@@ -245,14 +300,17 @@ impl ConnInner {
                 if let Err(e) = socket.try_send(&t, &buf[..t.size]) {
                     tracing::debug!(error = %e, "UDP send failed");
                 }
-                if wake {
-                    return true;
+                if wake != Wake::No {
+                    return wake;
                 }
             }
-            true
+            Wake::Asked
         });
-        if wake_driver {
-            self.notify.notify_one();
+        match wake {
+            Wake::No => {}
+            // Only the timer moved: the driver re-arms it and may go on holding an ACK.
+            Wake::Rearm => self.notify.notify_one(),
+            Wake::Asked => self.wake_driver(),
         }
     }
 
@@ -270,7 +328,7 @@ impl ConnInner {
                 st.process_events();
             }
             drop(st);
-            self.notify.notify_one();
+            self.wake_driver();
         }
     }
 }
@@ -287,6 +345,22 @@ thread_local! {
 /// A driver keeps its packet buffers while its next timer is this close (it is busy).
 const KEEP_BUFFERS_FOR: Duration = Duration::from_millis(50);
 
+/// How long the driver holds back an ACK-only packet after a receive.
+///
+/// Each received packet makes its ACK due at once (ngtcp2's `ack_thresh` is 1), and the next
+/// packet sent carries it. Sent by the driver right after the receive, the ACK went in a packet
+/// of its own, a send system call (and a wake-up of the peer) on top of the answer the
+/// application sent a moment later. The hold lets that answer, or any other data sent within
+/// it, carry the ACK. It never delays data: the driver holds only while nothing but ACKs,
+/// flow-control credit and retransmissions is pending, and any write, close or credit
+/// announcement ends the hold. The peer sees the hold as ACK delay, which its loss detection
+/// allows for up to our `max_ack_delay` (25 ms).
+pub(crate) const ACK_HOLD: Duration = Duration::from_millis(1);
+
+/// Packets received during an ACK hold after which the ACK goes out anyway (a sender with a
+/// full congestion window waits for it).
+pub(crate) const ACK_HOLD_PACKETS: usize = 8;
+
 /// Drives one connection: timers, packet writes, wake-ups. Runs until the connection drained.
 pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
     const MAX_BATCHES: usize = 8;
@@ -294,18 +368,42 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
     let mut bufs: Vec<Vec<u8>> = (0..MAX_BATCHES).map(|_| Vec::new()).collect();
     let mut transmits: Vec<proto::Transmit> = Vec::with_capacity(MAX_BATCHES);
     let mut handshake_reported = false;
+    // Woken by a notification (not by the timer) since the last pass.
+    let mut notified = false;
+    // The end of the current ACK hold, if one runs.
+    let mut hold_until: Option<Instant> = None;
     loop {
         transmits.clear();
+        let asked = conn.asked.swap(false, Ordering::AcqRel);
         let (timeout, drained, events) = {
             let mut st = conn.lock();
             let now = Instant::now();
-            if st.proto.poll_timeout().is_some_and(|t| t <= now) {
-                st.proto.handle_timeout(now);
-            }
-            for buf in bufs.iter_mut() {
-                match st.proto.poll_transmit(now, buf, max_gso) {
-                    Some(t) => transmits.push(t),
-                    None => break,
+            // Woken only for received packets, with nothing to send but their ACK: wait a
+            // little for the application's answer, which carries the ACK (see `ACK_HOLD`).
+            let hold = (!asked
+                && st.handshake_done
+                && st.rx_since_tx < ACK_HOLD_PACKETS
+                && !st.proto.has_queued_output())
+            .then(|| match hold_until {
+                Some(h) => h,
+                None if notified => *hold_until.insert(now + ACK_HOLD),
+                None => now,
+            })
+            .filter(|&h| now < h);
+            st.ack_hold_until = hold;
+            if hold.is_none() {
+                hold_until = None;
+                if st.proto.poll_timeout().is_some_and(|t| t <= now) {
+                    st.proto.handle_timeout(now);
+                }
+                for buf in bufs.iter_mut() {
+                    match st.proto.poll_transmit(now, buf, max_gso) {
+                        Some(t) => transmits.push(t),
+                        None => break,
+                    }
+                }
+                if !transmits.is_empty() {
+                    st.rx_since_tx = 0;
                 }
             }
             st.process_events();
@@ -321,7 +419,12 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
                 );
                 endpoint.handshake_done(&conn);
             }
-            let timeout = st.proto.poll_timeout();
+            // While holding, timers due earlier (the ACK's among them) wait for the hold's end:
+            // loss detection runs at most `ACK_HOLD` late.
+            let timeout = match hold {
+                Some(h) => Some(st.proto.poll_timeout().map_or(h, |t| t.max(h))),
+                None => st.proto.poll_timeout(),
+            };
             st.driver_deadline = timeout;
             (timeout, st.proto.is_drained(), events)
         };
@@ -350,8 +453,10 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
                 None => std::future::pending().await,
             }
         };
+        notified = false;
         tokio::select! {
             _ = conn.notify.notified() => {
+                notified = true;
                 // Woken by the receive task or an application call: the tasks woken with us
                 // (readers about to answer, writers) go first, so what they write leaves in
                 // the same packets as the ACKs instead of in packets of its own.
@@ -491,7 +596,7 @@ impl Connection {
             return Err(SendDatagramError::Unsupported);
         }
         drop(st);
-        self.inner.notify.notify_one();
+        self.inner.wake_driver();
         Ok(())
     }
 
@@ -517,7 +622,7 @@ impl Connection {
         st.proto.close(code, reason);
         st.process_events();
         drop(st);
-        self.inner.notify.notify_one();
+        self.inner.wake_driver();
     }
 
     /// Waits until the connection is closed, for whatever reason.
@@ -607,7 +712,7 @@ impl Connection {
     /// update is in progress).
     pub fn initiate_key_update(&self) -> bool {
         let ok = self.inner.lock().proto.initiate_key_update(Instant::now());
-        self.inner.notify.notify_one();
+        self.inner.wake_driver();
         ok
     }
 

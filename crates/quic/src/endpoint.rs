@@ -472,7 +472,7 @@ impl EndpointInner {
                 .handle_datagram(now, path, proto::Ecn::NotEct, data);
             st.process_events();
         }
-        conn.notify.notify_one();
+        conn.wake_driver();
     }
 
     fn connections(&self) -> Vec<Arc<ConnInner>> {
@@ -491,7 +491,7 @@ impl EndpointInner {
                 st.proto.close(code, reason);
                 st.process_events();
             }
-            c.notify.notify_one();
+            c.wake_driver();
         }
         // Stop handing out new connections.
         self.incoming
@@ -581,7 +581,7 @@ async fn recv_loop(inner: Arc<EndpointInner>, socket: Arc<Socket>) {
                 // This datagram and the following ones for the same connection, under one
                 // lock; the driver is woken once for them (it sends the ACKs and whatever the
                 // application wrote meanwhile).
-                let handshake_now_done = {
+                let (handshake_now_done, wake) = {
                     let mut st = conn.lock();
                     let was = st.handshake_done;
                     st.proto.handle_datagram(now, path, ecn, seg);
@@ -598,12 +598,18 @@ async fn recv_loop(inner: Arc<EndpointInner>, socket: Arc<Socket>) {
                         fed += 1;
                     }
                     st.process_events();
-                    !was && st.handshake_done
+                    st.rx_since_tx += fed;
+                    (
+                        !was && st.handshake_done,
+                        ConnInner::wake_after_receive(&mut st),
+                    )
                 };
                 if handshake_now_done {
                     inner.handshake_done(&conn);
                 }
-                conn.notify.notify_one();
+                if wake {
+                    conn.notify.notify_one();
+                }
                 last = Some((header.dcid, conn));
             }
         }
@@ -766,7 +772,7 @@ impl Endpoint {
             self.inner.reset_secret,
         )?;
         let conn = self.inner.register(proto, None);
-        conn.notify.notify_one();
+        conn.wake_driver();
         Ok(Connecting::new(&conn))
     }
 
@@ -805,7 +811,7 @@ impl Endpoint {
                     );
                 }
             }
-            c.notify.notify_one();
+            c.wake_driver();
         }
         Ok(local)
     }

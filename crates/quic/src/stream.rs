@@ -89,7 +89,7 @@ impl SendStream {
             Ok(n) => {
                 drop(st);
                 if !self.send_on_flush {
-                    self.conn.notify.notify_one();
+                    self.conn.wake_driver();
                 }
                 Poll::Ready(Ok(n))
             }
@@ -97,7 +97,7 @@ impl SendStream {
                 st.write_wakers.insert(self.id, cx.waker().clone());
                 drop(st);
                 // The driver may need to push data out to make room.
-                self.conn.notify.notify_one();
+                self.conn.wake_driver();
                 Poll::Pending
             }
             Err(e) => Poll::Ready(Err(e)),
@@ -135,7 +135,7 @@ impl SendStream {
                 Ok(()) => {
                     drop(st);
                     if !self.send_on_flush {
-                        self.conn.notify.notify_one();
+                        self.conn.wake_driver();
                     }
                     Poll::Ready(Ok(()))
                 }
@@ -156,7 +156,7 @@ impl SendStream {
             let mut st = self.conn.lock();
             check_epoch(&st, self.epoch).and_then(|()| st.proto.stream_finish(self.id))
         };
-        self.conn.notify.notify_one();
+        self.conn.wake_driver();
         r
     }
 
@@ -167,7 +167,7 @@ impl SendStream {
             let mut st = self.conn.lock();
             check_epoch(&st, self.epoch).and_then(|()| st.proto.stream_reset(self.id, code))
         };
-        self.conn.notify.notify_one();
+        self.conn.wake_driver();
         r
     }
 
@@ -204,7 +204,7 @@ impl Drop for SendStream {
                 let _ = st.proto.stream_finish(self.id);
             }
             drop(st);
-            self.conn.notify.notify_one();
+            self.conn.wake_driver();
         }
         self.conn.release();
     }
@@ -276,7 +276,7 @@ impl RecvStream {
                 let wake = st.note_read(b.len());
                 drop(st);
                 if wake {
-                    self.conn.notify.notify_one();
+                    self.conn.wake_driver();
                 }
                 Poll::Ready(Ok(Some(b)))
             }
@@ -319,7 +319,7 @@ impl RecvStream {
             let mut st = self.conn.lock();
             check_epoch(&st, self.epoch).and_then(|()| st.proto.stream_stop(self.id, code))
         };
-        self.conn.notify.notify_one();
+        self.conn.wake_driver();
         r
     }
 }
@@ -332,7 +332,7 @@ impl Drop for RecvStream {
                 let _ = st.proto.stream_stop(self.id, 0);
             }
             drop(st);
-            self.conn.notify.notify_one();
+            self.conn.wake_driver();
         }
         self.conn.release();
     }
@@ -374,7 +374,7 @@ impl AsyncRead for RecvStream {
                 let wake = st.note_read(n);
                 drop(st);
                 if wake {
-                    this.conn.notify.notify_one();
+                    this.conn.wake_driver();
                 }
                 Poll::Ready(Ok(()))
             }

@@ -472,3 +472,78 @@ async fn send_on_flush_stream_sends_at_flush_to_quinn() {
     .await
     .expect("timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_the_ack_of_their_request_to_quinn() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = Endpoint::server(pki.server_config(), localhost()).expect("server");
+        let addr = server.local_addr();
+        // An echo whose reading task hands each read to a writing task, which answers with
+        // one flushed write a little later: as the broker's reader hands a PUBLISH to its core
+        // and the connection's task writes the PUBACK.
+        tokio::spawn(async move {
+            let Some(connecting) = server.accept().await else {
+                return;
+            };
+            let Ok(conn) = connecting.await else { return };
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                return;
+            };
+            send.set_send_on_flush(true);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+            tokio::spawn(async move {
+                while let Some(data) = rx.recv().await {
+                    // The broker routes a message before it answers; other tasks run meanwhile.
+                    for _ in 0..50 {
+                        tokio::task::yield_now().await;
+                    }
+                    if send.write_all(&data).await.is_err() || send.flush().await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = recv.read(&mut buf).await {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
+        q.set_default_client_config(pki.quinn_client_config());
+        let qc = q
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = qc.open_bi().await.expect("open");
+        let mut rng = Rng(0xac4_e0d);
+        // The first rounds warm up (handshake leftovers: HANDSHAKE_DONE, new connection IDs,
+        // the first RTT samples); the rest are counted.
+        const WARM_UP: usize = 20;
+        const ROUNDS: u64 = 200;
+        let mut before = 0;
+        for n in 0..WARM_UP + ROUNDS as usize {
+            if n == WARM_UP {
+                before = qc.stats().udp_rx.datagrams;
+            }
+            let msg = rng.bytes(1 + n % 200);
+            send.write_all(&msg).await.expect("write");
+            let mut got = vec![0u8; msg.len()];
+            recv.read_exact(&mut got).await.expect("echo");
+            assert_eq!(got, msg, "round {n}");
+        }
+        let datagrams = qc.stats().udp_rx.datagrams - before;
+        // Each answer carries the ACK of its request: about one datagram per round, where an
+        // ACK-only packet per request made it two.
+        assert!(
+            datagrams <= ROUNDS * 3 / 2,
+            "{datagrams} datagrams from the server for {ROUNDS} request/response rounds"
+        );
+        qc.close(0u32.into(), b"");
+    })
+    .await
+    .expect("timed out");
+}

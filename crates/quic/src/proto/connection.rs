@@ -357,6 +357,12 @@ fn settings_for(config: &TransportConfig, now: Instant) -> sys::ngtcp2_settings 
     settings.max_window = config.max_receive_window;
     settings.max_stream_window = config.max_stream_receive_window;
     settings.handshake_timeout = config.handshake_timeout.as_nanos() as u64;
+    // Every ack-eliciting packet makes the ACK due at once, so the next packet we send carries
+    // it, whenever that is. The driver holds back ACK-only packets for a moment (its
+    // `ACK_HOLD`): the application's answer usually comes first and takes the ACK along. With
+    // ngtcp2's default (due after two packets or an eighth of the RTT) a quick answer left
+    // without the ACK, which then needed a packet of its own.
+    settings.ack_thresh = 1;
     settings.rand_ctx = sys::ngtcp2_rand_ctx {
         native_handle: std::ptr::null_mut(),
     };
@@ -748,6 +754,17 @@ impl Connection {
     /// Whether the connection is closing, draining or drained.
     pub fn is_closed(&self) -> bool {
         !matches!(self.state, State::Open) || self.pending_close.is_some()
+    }
+
+    /// Whether [`poll_transmit`](Self::poll_transmit) has more to send than what the protocol
+    /// state produces by itself (ACKs, flow-control credit, retransmissions): stream data or
+    /// datagrams the application queued, a packet held back for a full send buffer, or a close.
+    /// Also `true` once the connection is no longer open.
+    pub fn has_queued_output(&mut self) -> bool {
+        self.is_closed()
+            || self.stash.is_some()
+            || !self.datagrams_out.is_empty()
+            || !self.shared().send_ready.is_empty()
     }
 
     /// Feeds one received UDP datagram.

@@ -370,8 +370,6 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
     let mut handshake_reported = false;
     // Woken by a notification (not by the timer) since the last pass.
     let mut notified = false;
-    // The end of the current ACK hold, if one runs.
-    let mut hold_until: Option<Instant> = None;
     loop {
         transmits.clear();
         let asked = conn.asked.swap(false, Ordering::AcqRel);
@@ -384,15 +382,14 @@ pub(crate) async fn drive(conn: Arc<ConnInner>, endpoint: Arc<EndpointInner>) {
                 && st.handshake_done
                 && st.rx_since_tx < ACK_HOLD_PACKETS
                 && !st.proto.has_queued_output())
-            .then(|| match hold_until {
+            .then(|| match st.ack_hold_until {
                 Some(h) => h,
-                None if notified => *hold_until.insert(now + ACK_HOLD),
+                None if notified => now + ACK_HOLD,
                 None => now,
             })
             .filter(|&h| now < h);
             st.ack_hold_until = hold;
             if hold.is_none() {
-                hold_until = None;
                 if st.proto.poll_timeout().is_some_and(|t| t <= now) {
                     st.proto.handle_timeout(now);
                 }

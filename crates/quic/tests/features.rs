@@ -19,6 +19,19 @@ fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
 
+/// Connects a quinn client that trusts the test PKI to `addr` as "localhost"; the endpoint
+/// is returned too, to live as long as the connection.
+async fn quinn_connect(pki: &Pki, addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+    let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
+    q.set_default_client_config(pki.quinn_client_config());
+    let qc = q
+        .connect(addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("quinn handshake");
+    (q, qc)
+}
+
 /// Waits (bounded) until the client holds a session ticket for "localhost".
 async fn wait_for_ticket(cfg: &mqttd_quic::ClientConfig) {
     let deadline = tokio::time::Instant::now() + LIMIT / 3;
@@ -45,13 +58,7 @@ async fn forced_retry_works_for_our_client_and_quinn() {
             .expect("handshake through Retry");
         assert_eq!(echo(&conn, b"retry".to_vec()).await, b"retry");
 
-        let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
-        q.set_default_client_config(pki.quinn_client_config());
-        let qc = q
-            .connect(addr, "localhost")
-            .expect("connect")
-            .await
-            .expect("quinn through Retry");
+        let (_q, qc) = quinn_connect(&pki, addr).await;
         assert_eq!(
             quinn_echo(&qc, b"quinn retry".to_vec()).await,
             b"quinn retry"
@@ -511,13 +518,7 @@ async fn answers_carry_the_ack_of_their_request_to_quinn() {
                 }
             }
         });
-        let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
-        q.set_default_client_config(pki.quinn_client_config());
-        let qc = q
-            .connect(addr, "localhost")
-            .expect("connect")
-            .await
-            .expect("handshake");
+        let (_q, qc) = quinn_connect(&pki, addr).await;
         let (mut send, mut recv) = qc.open_bi().await.expect("open");
         let mut rng = Rng(0xac4_e0d);
         // The first rounds warm up (handshake leftovers: HANDSHAKE_DONE, new connection IDs,
@@ -541,6 +542,82 @@ async fn answers_carry_the_ack_of_their_request_to_quinn() {
         assert!(
             datagrams <= ROUNDS * 3 / 2,
             "{datagrams} datagrams from the server for {ROUNDS} request/response rounds"
+        );
+        qc.close(0u32.into(), b"");
+    })
+    .await
+    .expect("timed out");
+}
+
+/// The ACK hold must not swallow ACKs: packets the application never answers (a publisher's
+/// QoS 0 stream) are still acknowledged, each soon after it arrived, so the peer neither
+/// probes nor resends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_packets_are_acknowledged_to_quinn() {
+    use tokio::io::AsyncReadExt;
+    timeout(LIMIT, async {
+        let pki = Pki::new();
+        let server = Endpoint::server(pki.server_config(), localhost()).expect("server");
+        let addr = server.local_addr();
+        let (total_tx, total_rx) = tokio::sync::oneshot::channel::<usize>();
+        // Reads the stream to its end and never writes.
+        tokio::spawn(async move {
+            let Some(connecting) = server.accept().await else {
+                return;
+            };
+            let Ok(conn) = connecting.await else { return };
+            let Ok((_send, mut recv)) = conn.accept_bi().await else {
+                return;
+            };
+            let mut total = 0;
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = recv.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            let _ = total_tx.send(total);
+            // Keep the connection until the client closes it.
+            let _ = conn.closed().await;
+        });
+        let (_q, qc) = quinn_connect(&pki, addr).await;
+        let (mut send, _recv) = qc.open_bi().await.expect("open");
+        // One write to settle the handshake's leftovers (HANDSHAKE_DONE, connection IDs).
+        send.write_all(&[0u8; 100]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        const ROUNDS: u64 = 30;
+        let sent_before = qc.stats().udp_tx.datagrams;
+        for n in 0..ROUNDS {
+            let acks = qc.stats().frame_rx.acks;
+            send.write_all(&[n as u8; 100]).await.expect("write");
+            // Bounded: the ACK is due within our ACK hold plus scheduling.
+            let acked = async {
+                while qc.stats().frame_rx.acks == acks {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            timeout(Duration::from_secs(5), acked)
+                .await
+                .unwrap_or_else(|_| panic!("round {n}: no ACK from the server"));
+        }
+        let sent = qc.stats().udp_tx.datagrams - sent_before;
+        send.finish().expect("finish");
+        let total = timeout(Duration::from_secs(10), total_rx)
+            .await
+            .expect("server read to the end")
+            .expect("server task");
+        assert_eq!(total, 100 * (ROUNDS as usize + 1), "bytes the server read");
+        // One datagram per write: no probe or retransmission was needed for a missing ACK
+        // (slack for a probe under a loaded machine).
+        assert!(
+            sent <= ROUNDS * 3 / 2,
+            "{sent} datagrams from quinn for {ROUNDS} writes"
+        );
+        assert_eq!(
+            qc.stats().path.lost_packets,
+            0,
+            "packets quinn declared lost"
         );
         qc.close(0u32.into(), b"");
     })

@@ -202,8 +202,7 @@ async fn quinn_throughput(pki: &Pki, bytes: usize) -> Rate {
     let server = quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("server");
     let addr = server.local_addr().expect("addr");
     spawn_quinn_sink(server.clone());
-    let mut client = quinn::Endpoint::client(localhost()).expect("client");
-    client.set_default_client_config(pki.quinn_client_config());
+    let client = pki.quinn_client();
     let conn = client
         .connect(addr, "localhost")
         .expect("connect")
@@ -274,8 +273,7 @@ async fn quinn_handshakes(pki: &Pki, n: usize) -> Rate {
     let server = quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("server");
     let addr = server.local_addr().expect("addr");
     support::spawn_quinn_echo(server.clone());
-    let mut client = quinn::Endpoint::client(localhost()).expect("client");
-    client.set_default_client_config(pki.quinn_client_config());
+    let client = pki.quinn_client();
     let (start, cpu0) = (Instant::now(), cpu_secs());
     let mut tasks = Vec::new();
     for _ in 0..PARALLEL {
@@ -364,8 +362,7 @@ async fn quinn_idle_memory(pki: &Pki, n: usize) -> usize {
             });
         }
     });
-    let mut client = quinn::Endpoint::client(localhost()).expect("client");
-    client.set_default_client_config(pki.quinn_client_config());
+    let client = pki.quinn_client();
     let mut conns = Vec::new();
     for _ in 0..20 {
         conns.push(

@@ -126,8 +126,7 @@ async fn server_reads_0rtt_data_before_the_handshake_and_answers_a_round_trip_so
         spawn_early_server(server.clone(), tx);
         let relay = Relay::start(server.local_addr(), Link::delay(ONE_WAY)).await;
         let rtt = (ONE_WAY * 2).as_secs_f64();
-        let mut client = quinn::Endpoint::client(localhost()).expect("quinn client");
-        client.set_default_client_config(pki.quinn_client_config());
+        let client = pki.quinn_client();
 
         // A full handshake first, for the session ticket.
         let conn = client

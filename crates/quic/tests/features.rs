@@ -22,8 +22,7 @@ fn localhost() -> SocketAddr {
 /// Connects a quinn client that trusts the test PKI to `addr` as "localhost"; the endpoint
 /// is returned too, to live as long as the connection.
 async fn quinn_connect(pki: &Pki, addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
-    let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
-    q.set_default_client_config(pki.quinn_client_config());
+    let q = pki.quinn_client();
     let qc = q
         .connect(addr, "localhost")
         .expect("connect")
@@ -163,8 +162,7 @@ async fn reset_stop_sending_and_close_codes_reach_quinn() {
         let pki = Pki::new();
         let server = Endpoint::server(pki.server_config(), localhost()).expect("server");
         let addr = server.local_addr();
-        let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
-        q.set_default_client_config(pki.quinn_client_config());
+        let q = pki.quinn_client();
         let qconn = q.connect(addr, "localhost").expect("connect");
         let ours = server.accept().await.expect("incoming");
         let (qconn, ours) = tokio::join!(qconn, ours);
@@ -232,8 +230,7 @@ async fn endpoint_close_and_wait_idle_reach_quinn() {
         let server = Endpoint::server(pki.server_config(), localhost()).expect("server");
         let addr = server.local_addr();
         spawn_echo(server.clone());
-        let mut q = quinn::Endpoint::client(localhost()).expect("quinn");
-        q.set_default_client_config(pki.quinn_client_config());
+        let q = pki.quinn_client();
         let mut conns = Vec::new();
         for _ in 0..5 {
             let c = q

@@ -23,12 +23,6 @@ fn quinn_server(pki: &Pki) -> quinn::Endpoint {
     quinn::Endpoint::server(pki.quinn_server_config(), localhost()).expect("quinn server")
 }
 
-fn quinn_client(pki: &Pki) -> quinn::Endpoint {
-    let mut ep = quinn::Endpoint::client(localhost()).expect("quinn client");
-    ep.set_default_client_config(pki.quinn_client_config());
-    ep
-}
-
 fn our_server(pki: &Pki) -> Endpoint {
     let mut cfg = pki.server_config();
     cfg.transport = Arc::new(support::transport());
@@ -174,7 +168,7 @@ async fn quinn_client_our_server_echo_streams_datagrams() {
         let server = our_server(&pki);
         let addr = server.local_addr();
         spawn_echo(server.clone());
-        let client = quinn_client(&pki);
+        let client = pki.quinn_client();
         let conn = client
             .connect(addr, "localhost")
             .expect("connect")
@@ -225,7 +219,7 @@ async fn quinn_client_0rtt_and_migration_against_our_server() {
         let server = our_server(&pki);
         let addr = server.local_addr();
         spawn_echo(server.clone());
-        let client = quinn_client(&pki);
+        let client = pki.quinn_client();
 
         let conn = client
             .connect(addr, "localhost")

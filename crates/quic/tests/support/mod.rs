@@ -122,6 +122,14 @@ impl Pki {
         cfg.transport_config(Arc::new(transport));
         cfg
     }
+
+    /// A quinn client endpoint on a loopback port that trusts this PKI.
+    pub fn quinn_client(&self) -> quinn::Endpoint {
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let mut ep = quinn::Endpoint::client(any).expect("quinn client");
+        ep.set_default_client_config(self.quinn_client_config());
+        ep
+    }
 }
 
 /// Transport settings for tests: short idle timeout so failures end quickly.
